@@ -1,0 +1,81 @@
+"""`bst-dist`: a thin CLI. Each subcommand lives in bst_dist/commands/<name>.py and defines
+`add_args(parser)` and `run(args) -> int`; each `run` parses, loads config and calls one library
+function that the tests also call. Expected failures (bad job files, bad data, refused
+checkpoints) are one line on stderr and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module under bst_dist.commands, one-line help)
+COMMANDS = {
+    "describe": ("describe", "show a job's layer stack and parameter counts"),
+    "prepare-data": ("prepare_data", "tokenize a corpus into ArrayRecord shards"),
+    "train": ("train", "train a job (under Ray Train; embedded local Ray by default)"),
+    "eval": ("evaluate", "evaluate a run: streamed with the cache, and at length T"),
+    "plot": ("plot", "write PNG curves of a run's metrics"),
+    "inspect": ("inspect", "show a run's checkpoints: step, data position, shardings"),
+    "submit": ("submit", "submit a job to a Ray cluster and stream its logs"),
+    "status": ("job_status", "status of a submitted Ray job"),
+    "stop": ("job_stop", "stop a submitted Ray job"),
+}
+
+
+class UserError(Exception):
+    """An expected failure with a one-line message for the user."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from bst_dist.config import ConfigError
+
+    errors: list[type[BaseException]] = [UserError, ConfigError, FileNotFoundError]
+    try:
+        from data_pipelines.errors import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bst-dist", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        try:
+            mod = importlib.import_module(f"bst_dist.commands.{module}")
+        except ModuleNotFoundError as e:
+            if e.name != f"bst_dist.commands.{module}":
+                raise
+            continue  # command not built in this checkout
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        mod.add_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Short form for `ray job submit -- jobs/x.yaml` and executable YAMLs: a bare YAML path trains it.
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        argv = ["train", *argv]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    module = importlib.import_module(f"bst_dist.commands.{args._module}")
+    try:
+        return int(module.run(args) or 0)
+    except _user_errors() as e:
+        print(f"bst-dist {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bst-dist {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `bst-dist` subcommand (see bst_dist/cli.py)."""
