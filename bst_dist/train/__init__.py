@@ -1,0 +1,1 @@
+"""Training: optimizer, train state and step, loop, checkpoints, metrics, preemption."""
