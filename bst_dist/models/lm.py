@@ -1,5 +1,6 @@
 """The language model: tied embedding, a hybrid stack of Block / BST / BRecT layers from config,
-final RMS norm and the tied output head scaled by 1/sqrt(V) (MODEL_SPEC section 2.1).
+final RMS norm and the tied output head scaled by 1/sqrt(d) (MODEL_SPEC section 2.1 says
+1/sqrt(V); meliad's decoder_stack.py divides by sqrt(ys.shape[-1]) = sqrt(d): see docs/models.md).
 
     model = build(cfg.model, rngs=nnx.Rngs(seed))
     cache = model.init_cache(batch_size)
@@ -94,7 +95,7 @@ class LM(nnx.Module):
         """(B, T, d) -> (B, T, V_padded) float32; padded ids get -1e9."""
         cfg = self.cfg
         logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(x.dtype),
-                            preferred_element_type=jnp.float32) / math.sqrt(cfg.vocab_size)
+                            preferred_element_type=jnp.float32) / math.sqrt(cfg.d_model)
         if cfg.padded_vocab > cfg.vocab_size:
             logits = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, logits, -1e9)
         return logits

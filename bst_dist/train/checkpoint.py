@@ -282,6 +282,16 @@ class Checkpointer:
         self._known.add(result[3])
         return result
 
+    def restore_state(self, *, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
+        """(state, meta, step) alone, for evaluation and inspection (no data position, no cache)."""
+
+        def attempt(s: int):
+            out = self._mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                meta=ocp.args.JsonRestore()))
+            return out["state"], dict(out["meta"]), s
+
+        return self._with_fallback(step, attempt)
+
     # ---------------------------------------------------------------------------------------
 
     def wait(self) -> None:

@@ -1,0 +1,30 @@
+"""`bst-dist eval RUN_DIR [--split validation] [--lengths 512,4096,16384]`: streamed perplexity
+with the cache (per position bucket) and perplexity at each length T in one pass."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_args(p):
+    p.add_argument("run_dir", help="a run directory (holds job.yaml and checkpoints/)")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--lengths", default="", help="comma-separated T for the at-length mode, e.g. 512,4096,16384")
+    p.add_argument("--max-batches", type=int, default=0, help="streamed mode: stop after N steps (0: whole split)")
+    p.add_argument("--max-docs", type=int, default=0, help="at-length mode: first N documents (0: all)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def run(args) -> int:
+    from bst_dist.cli import UserError
+    from bst_dist.run_eval import evaluate_run
+
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--lengths {args.lengths!r}: expected comma-separated integers, e.g. 512,4096") from None
+    result = evaluate_run(args.run_dir, split=args.split, lengths=lengths, max_batches=args.max_batches,
+                          max_docs=args.max_docs, step=args.step, overrides=args.overrides)
+    print(json.dumps(result, indent=2))
+    return 0

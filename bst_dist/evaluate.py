@@ -1,0 +1,158 @@
+"""Evaluation in the two modes of DESIGN.md ("Evaluation").
+
+* streamed: documents cut into L-long sequences read in order with the evaluation's own cache
+  (separate from training's), as in training; perplexity overall and per position bucket within
+  the document (0-4k, 4k-16k, 16k-65k, 65k+).
+* at length T: each document's first T tokens in one pass with a fresh cache (the BST paper's
+  length-generalisation protocol); T is rounded up to a multiple of W with the padding masked;
+  unstructured filters are generated at length T.
+Both compute on the training mesh and reduce on device, so several processes can run them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bst_dist.train.state import Setup
+from bst_dist.train.step import cross_entropy
+
+BUCKET_EDGES = (4096, 16384, 65536)
+BUCKET_NAMES = ("0-4k", "4k-16k", "16k-65k", "65k+")
+
+
+def _ppl(nats: float, tokens: float) -> float:
+    return math.exp(min(nats / tokens, 50.0)) if tokens else float("nan")
+
+
+def _local_rows(x: np.ndarray) -> np.ndarray:
+    """This process's rows [p*B/P, (p+1)*B/P) of a global host array."""
+    P, p = jax.process_count(), jax.process_index()
+    n = x.shape[0] // P
+    return x[p * n:(p + 1) * n]
+
+
+class StreamEvaluator:
+    """Streamed evaluation over a split, the first `max_batches` steps (0: the whole split)."""
+
+    def __init__(self, setup: Setup, split: str = "validation", max_batches: int = 0, batch_size: int | None = None):
+        self.setup, self.split, self.max_batches = setup, split, max_batches
+        cfg = setup.cfg
+        self.B = batch_size or cfg.train.global_batch_size
+        graphdef = setup.graphdef
+        from bst_dist.sharding import batch_sharding
+
+        self.row2 = batch_sharding(setup.mesh, 2, setup.rules)
+        self.row1 = batch_sharding(setup.mesh, 1, setup.rules)
+        nb = len(BUCKET_NAMES)
+
+        def step(params, cache, inputs, targets, mask, doc_start, bucket):
+            model = nnx.merge(graphdef, params)
+            x, cache = model.features(inputs, cache, doc_start)
+            lse = jax.nn.logsumexp(model.logits(x), -1)
+            nats = (lse - jnp.take_along_axis(model.logits(x), targets[..., None], -1)[..., 0]) * mask
+            one_hot = jax.nn.one_hot(bucket, nb, dtype=jnp.float32)
+            return cache, jnp.einsum("bt,btk->k", nats, one_hot), jnp.einsum("bt,btk->k", mask, one_hot)
+
+        self._step = jax.jit(step, donate_argnums=(1,))
+
+    def run(self, params) -> dict:
+        from data_pipelines import make_loader
+
+        cfg = self.setup.cfg
+        L = cfg.model.seq_len
+        from bst_dist.models import cache_shape
+
+        shapes = cache_shape(cfg.model, self.B)
+        from bst_dist.sharding import cache_shardings
+
+        cache = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+                        out_shardings=cache_shardings(shapes, self.setup.mesh, self.setup.rules))()
+        nats = np.zeros(len(BUCKET_NAMES))
+        toks = np.zeros(len(BUCKET_NAMES))
+        loader = make_loader(cfg.data, seq_len=L, global_batch_size=self.B, process_index=jax.process_index(),
+                             process_count=jax.process_count(), split=self.split, seed=cfg.train.seed, num_epochs=1)
+        try:
+            for i, local in enumerate(loader):
+                if self.max_batches and i >= self.max_batches:
+                    break
+                pos = np.maximum(local["seq_index"], 0)[:, None] * L + np.arange(L)[None]
+                bucket = np.searchsorted(BUCKET_EDGES, pos, side="right").astype(np.int32)
+                g = lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x))  # noqa: E731
+                cache, n, t = self._step(params, cache, g(local["inputs"], self.row2), g(local["targets"], self.row2),
+                                         g(local["loss_mask"], self.row2), g(local["doc_start"], self.row1),
+                                         g(bucket, self.row2))
+                nats += np.asarray(jax.device_get(n))
+                toks += np.asarray(jax.device_get(t))
+        finally:
+            loader.close()
+        out = {"eval_loss": float(nats.sum() / max(toks.sum(), 1)), "eval_ppl": _ppl(nats.sum(), toks.sum()),
+               "eval_tokens": int(toks.sum())}
+        for name, n, t in zip(BUCKET_NAMES, nats, toks):
+            if t:
+                out[f"eval_ppl_{name}"] = _ppl(n, t)
+        return out
+
+
+def _rows(setup: Setup, ndim: int):
+    from bst_dist.sharding import batch_sharding
+
+    return batch_sharding(setup.mesh, ndim, setup.rules)
+
+
+def eval_at_length(setup: Setup, params, T: int, split: str = "validation", max_docs: int = 0,
+                   batch_size: int | None = None) -> dict:
+    """Perplexity of each document's first T tokens in one pass (fresh cache, no carry)."""
+    from data_pipelines import ensure_prepared, iter_documents
+
+    cfg = setup.cfg
+    W = cfg.model.block_len
+    Tp = -(-T // W) * W
+    B = batch_size or cfg.train.global_batch_size
+    graphdef = setup.graphdef
+    row2, row1 = _rows(setup, 2), _rows(setup, 1)
+    from bst_dist.models import cache_shape
+
+    shapes = cache_shape(cfg.model, B, Tp)
+    cache_sh = jax.tree.map(lambda s: _rows(setup, len(s.shape)), shapes)
+
+    @jax.jit
+    def nll(params, inputs, targets, mask):
+        model = nnx.merge(graphdef, params)
+        cache = jax.lax.with_sharding_constraint(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), cache_sh)
+        x, _ = model.features(inputs, cache, jnp.ones((inputs.shape[0],), bool))
+        return cross_entropy(model.logits(x), targets, mask), jnp.sum(mask)
+
+    nats = toks = 0.0
+    docs = 0
+    rows: list[np.ndarray] = []
+
+    def flush():
+        nonlocal nats, toks
+        if not rows:
+            return
+        arr = np.zeros((B, Tp + 1), np.int32)
+        mask = np.zeros((B, Tp), np.float32)
+        for i, r in enumerate(rows):
+            arr[i, :len(r)] = r
+            mask[i, :len(r) - 1] = 1.0
+        g = lambda x, s: jax.make_array_from_process_local_data(s, _local_rows(x))  # noqa: E731
+        n, t = nll(params, g(arr[:, :-1], row2), g(arr[:, 1:], row2), g(mask, row2))
+        nats += float(n)
+        toks += float(t)
+        rows.clear()
+
+    for _, tokens in iter_documents(ensure_prepared(cfg.data), split):
+        rows.append(np.asarray(tokens[:T + 1], np.int32))
+        docs += 1
+        if len(rows) == B:
+            flush()
+        if max_docs and docs >= max_docs:
+            break
+    flush()
+    return {"T": T, "T_padded": Tp, "documents": docs, "tokens": int(toks), "loss": nats / max(toks, 1),
+            "ppl": _ppl(nats, toks)}

@@ -1,0 +1,128 @@
+"""The job's `ray:` section -> a Ray Train JaxTrainer, and one `fit` on the connected cluster.
+
+GPU: `resources_per_worker: {GPU: <all GPUs of a host>}`, one worker per host (JaxTrainer sets
+CUDA_VISIBLE_DEVICES to 0..n-1 in each worker, so two workers on one host would share GPU 0).
+TPU: one worker per TPU host; `topology` and `accelerator_type` name the slice, and
+`num_workers` = hosts per slice x slices (Ray Train derives the slice count and sets the
+MEGASCALE_* variables). In both cases JaxTrainer's backend calls jax.distributed.initialize.
+CPU: the same trainer; the workers initialize jax.distributed themselves (worker.py), each with
+`cpu_devices_per_worker` fake XLA devices.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Optional
+
+from bst_dist import config as config_lib
+from bst_dist.config import JobConfig, RayConfig
+
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+class TrainingFailed(RuntimeError):
+    """The run failed for good (retries exhausted or not retryable); one-line message, cause named."""
+
+
+def platform(r: RayConfig) -> str:
+    return "tpu" if r.use_tpu else "gpu" if r.use_gpu else "cpu"
+
+
+def cpu_xla_flags(devices: int, existing: str = "") -> str:
+    flags = [f for f in existing.split() if not f.startswith(DEVICE_COUNT_FLAG)]
+    return " ".join([*flags, f"{DEVICE_COUNT_FLAG}={devices}"])
+
+
+def worker_env(cfg: JobConfig) -> dict[str, str]:
+    """Environment variables of every worker: the YAML's runtime_env.env_vars, plus, on CPU,
+    JAX_PLATFORMS=cpu and the fake-device count (XLA reads it before JAX starts)."""
+    r = cfg.ray
+    env = {str(k): str(v) for k, v in (r.runtime_env.get("env_vars") or {}).items()}
+    if platform(r) == "cpu":
+        env.setdefault("JAX_PLATFORMS", "cpu")
+        if r.cpu_devices_per_worker:
+            env["XLA_FLAGS"] = cpu_xla_flags(r.cpu_devices_per_worker, env.get("XLA_FLAGS", os.environ.get("XLA_FLAGS", "")))
+    return env
+
+
+def resources_per_worker(r: RayConfig) -> dict[str, float]:
+    """What each worker reserves (Ray's defaults made explicit: 1 CPU; 1 GPU with use_gpu)."""
+    res = {str(k): float(v) for k, v in r.resources_per_worker.items()}
+    if r.use_gpu:
+        res.setdefault("GPU", 1.0)
+    if not r.use_tpu:
+        res.setdefault("CPU", 1.0)
+    return res
+
+
+def scaling_config(r: RayConfig):
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=r.num_workers, use_gpu=r.use_gpu, use_tpu=r.use_tpu, topology=r.topology,
+        accelerator_type=r.accelerator_type, placement_strategy=r.placement_strategy,
+        resources_per_worker=dict(r.resources_per_worker) or None)
+
+
+def run_config(cfg: JobConfig):
+    from ray.train import FailureConfig, RunConfig
+
+    r = cfg.ray
+    return RunConfig(
+        name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=r.storage_path,
+        failure_config=FailureConfig(max_failures=r.max_failures),
+        worker_runtime_env={"env_vars": worker_env(cfg)})
+
+
+def build_trainer(cfg: JobConfig, train_fn: Optional[Callable[..., Any]] = None):
+    from ray.train.v2.jax import JaxConfig, JaxTrainer
+
+    from bst_dist.launch.worker import train_worker
+
+    r = cfg.ray
+    return JaxTrainer(
+        train_worker,
+        train_loop_config={"job": config_lib.to_dict(cfg), "platform": platform(r), "train_fn": train_fn},
+        jax_config=JaxConfig(use_gpu=r.use_gpu, use_tpu=r.use_tpu),
+        scaling_config=scaling_config(r), run_config=run_config(cfg))
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    # Ray prefixes user errors with a traceback; the last line is the exception itself.
+    line = lines[-1] if lines else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def describe_failure(err: BaseException, max_failures: int) -> str:
+    """One line: how many restarts were spent and what each failing rank died of."""
+    from ray.exceptions import RayActorError
+    from ray.train import ControllerError, WorkerGroupError
+
+    budget = f"after {max_failures} restart(s) (ray.max_failures={max_failures})" if max_failures else \
+        "with no restarts allowed (ray.max_failures=0)"
+    if isinstance(err, WorkerGroupError):
+        causes = []
+        for rank, e in sorted(err.worker_failures.items()):
+            if isinstance(e, RayActorError):
+                what = "worker process died (killed by a signal, out of memory, or its node was lost)"
+            else:
+                what = _first_line(str(e)) or type(e).__name__
+            causes.append(f"rank {rank}: {what}")
+        return f"training failed {budget}: " + "; ".join(causes)
+    if isinstance(err, ControllerError):
+        return f"training failed {budget}: Ray Train controller: {_first_line(str(err.controller_failure))}"
+    return f"training failed {budget}: {_first_line(str(err))}"
+
+
+def fit(cfg: JobConfig, train_fn: Optional[Callable[..., Any]] = None) -> Any:
+    """Run the job on the Ray cluster this process is connected to; rank 0's summary."""
+    from ray.train import TrainingFailedError
+
+    trainer = build_trainer(cfg, train_fn)
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:
+        raise TrainingFailed(describe_failure(e, cfg.ray.max_failures)) from e
+    return result.return_value

@@ -1,0 +1,172 @@
+"""What runs inside each Ray Train worker: one JAX process of the job.
+
+    train_worker(config) -> summary (rank 0) | None
+      1. CPU with several workers: rank 0 picks a coordinator address on its node and broadcasts
+         it (ray.train.collective.broadcast_from_rank_zero); every rank calls
+         jax.distributed.initialize. (On GPU/TPU, JaxTrainer's backend already did that.)
+      2. SIGTERM -> stop request: Ray runs the training function in a thread and Python lets only
+         the main thread install signal handlers, so the handler is installed on the actor's main
+         thread (idle once the training thread runs) and sets an Event the loop polls.
+      3. train_fn(cfg, report=..., [stop=Event]): `report` calls ray.train.report on every rank
+         (it is a barrier across the workers); only rank 0's metrics are kept by Ray.
+      4. Clean exit: jax.distributed.shutdown() (a barrier) on CPU; rank 0 returns the summary.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import signal
+import threading
+from typing import Any, Callable, Optional
+
+log = logging.getLogger("bst_dist.launch")
+
+# Signals are delivered per process, so the state they touch is per process too: `_SIGTERM` is
+# set by the main-thread handler and read by the training thread (passed to it as `stop`);
+# `_ACTIVE` says a training function is running; `_PREVIOUS` holds Ray's own handler, which
+# still ends the process when no training runs (Ray tears a worker group down with SIGTERM).
+_SIGTERM = threading.Event()
+_ACTIVE = threading.Event()
+_PREVIOUS: list = [None]
+
+
+def _on_sigterm(signum, frame) -> None:
+    if _ACTIVE.is_set() and not _SIGTERM.is_set():
+        print(f"bst-dist worker pid {os.getpid()}: SIGTERM: checkpoint and stop after this step", flush=True)
+        _SIGTERM.set()
+        return
+    previous = _PREVIOUS[0]  # idle, or a second SIGTERM: exit the way Ray would have
+    if callable(previous):
+        previous(signum, frame)
+    os._exit(128 + signal.SIGTERM)
+
+
+def _install_on_this_thread() -> bool:
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    if previous is not _on_sigterm:
+        _PREVIOUS[0] = previous
+    return True
+
+
+def install_sigterm_bridge() -> threading.Event:
+    """Route this process's SIGTERM to the returned Event while a training function runs."""
+    _SIGTERM.clear()
+    if threading.current_thread() is threading.main_thread():
+        _install_on_this_thread()
+        return _SIGTERM
+    try:
+        import ray
+
+        # The Ray Train worker actor runs tasks on its main thread; `execute` is its generic
+        # "run this function here" method. Runs in this same process, so it sees `_SIGTERM`.
+        actor = ray.get_runtime_context().current_actor
+        ray.get(actor.execute.remote(_install_on_this_thread), timeout=60)
+    except Exception as e:  # noqa: BLE001 - degrade to Ray's default (exit without a final save)
+        log.warning("SIGTERM handler not installed (%s): a SIGTERM ends this worker without a final checkpoint", e)
+    return _SIGTERM
+
+
+def init_cpu_distributed(rank: int, world: int) -> None:
+    """jax.distributed over Ray: rank 0's node IP and a free port, broadcast to every rank."""
+    import ray.util
+    from ray.train.collective import broadcast_from_rank_zero
+
+    from bst_dist.launch.local import free_port
+
+    addr = None
+    if rank == 0:
+        ip = ray.util.get_node_ip_address()
+        addr = f"{ip}:{free_port(ip)}"
+    addr = broadcast_from_rank_zero(addr)
+    import jax
+
+    # Bind the coordinator to the node IP only (127.0.0.1 for the embedded local Ray), not [::].
+    jax.distributed.initialize(coordinator_address=addr, num_processes=world, process_id=rank,
+                               coordinator_bind_address=addr if rank == 0 else None)
+
+
+def _plain(metrics: dict) -> dict:
+    """Python scalars only (Ray pickles reports; jax/numpy scalars would drag their modules in)."""
+    out = {}
+    for k, v in metrics.items():
+        if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+            v = v.item()
+        out[k] = v
+    return out
+
+
+def make_report() -> Callable[[dict], None]:
+    import ray.train
+
+    def report(metrics: dict) -> None:
+        ray.train.report(_plain(metrics))
+
+    return report
+
+
+def accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def default_train_fn() -> Callable[..., dict]:
+    from bst_dist.train.loop import train
+
+    return train
+
+
+def _setup_logging(rank: int) -> None:
+    # Ray sets INFO on the root logger of workers; keep libraries (Orbax's per-save lines, Ray
+    # Train's per-report lines) at WARNING, and our own loggers at INFO on rank 0.
+    logging.getLogger().setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+    for name in ("bst_dist", "data_pipelines"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            h = logging.StreamHandler()
+            h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(h)
+            logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+            logger.propagate = False
+
+
+def train_worker(config: dict) -> Optional[Any]:
+    """The Ray Train per-worker function. `config`: job (a config dict), platform, train_fn."""
+    import ray.train
+
+    from bst_dist import config as config_lib
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _setup_logging(rank)
+    cfg = config_lib.from_dict(config["job"])
+    cpu_multi = config["platform"] == "cpu" and world > 1
+    if cpu_multi:
+        init_cpu_distributed(rank, world)
+    stop = install_sigterm_bridge()
+    train_fn = config.get("train_fn") or default_train_fn()
+    kwargs: dict = {"report": make_report()}
+    if accepts(train_fn, "stop"):
+        kwargs["stop"] = stop
+    elif rank == 0:
+        log.warning("the training function takes no `stop` event: SIGTERM cannot trigger a final checkpoint")
+    _ACTIVE.set()
+    try:
+        summary = train_fn(cfg, **kwargs)
+    finally:
+        _ACTIVE.clear()
+    if cpu_multi:
+        import jax
+
+        jax.distributed.shutdown()
+    return summary if rank == 0 else None
