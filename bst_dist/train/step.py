@@ -83,7 +83,7 @@ def make_train_step(setup: Setup):
             new_cache = jax.tree.map(_micro_to_lanes, caches)
         grads = jax.tree.map(lambda g: g / tokens, grads)
         loss = nats / tokens
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
