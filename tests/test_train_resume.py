@@ -58,3 +58,19 @@ def test_interrupted_run_resumes_bitwise(reference, tmp_path, sig):
     ref_losses = [json.loads(line)["loss"] for line in ref_lines]
     got_losses = [json.loads(line)["loss"] for line in metrics_lines(run_dir)]
     assert got_losses == ref_losses  # the per-step loss log, bitwise
+
+
+def test_inspect_reports_the_finished_run(reference):
+    from bst_dist.inspect_run import format_inspection, inspect_run
+
+    _, ref, _ = reference
+    d = inspect_run(ref["run_dir"])
+    assert d["steps"][-1] == 8 and not d["half_written"]
+    newest = d["newest"]
+    assert newest["step"] == 8 and newest["tokens_seen"] == 8 * 8 * 64
+    assert newest["data"]["lanes"] == 8 and newest["data"]["step"] == 8
+    assert newest["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+    embed = next(a for a in newest["params"] if a["path"] == "params/embed")
+    assert embed["shape"] == [50304, 32]
+    assert any(a["path"].endswith("h_re") for a in newest["cache"])  # the S4D carry is in the checkpoint
+    assert "newest: step 8" in format_inspection(d)

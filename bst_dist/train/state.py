@@ -44,8 +44,9 @@ class Setup:
                             self.cache_shardings)
 
 
-def create(cfg: JobConfig, mesh: Mesh) -> tuple[Setup, dict, Any]:
-    """(setup, state, cache): a fresh sharded state and an all-invalid cache."""
+def plan(cfg: JobConfig, mesh: Mesh) -> tuple[Setup, dict, Any]:
+    """(setup, abstract state with shardings, model factory): everything but the allocation.
+    Used to create the state, to restore into it, and by ops/plan_memory to compile ahead of time."""
     rules = sharding.rules_from_config(cfg.mesh)
     tx = make_optimizer(cfg.train.optimizer, cfg.train.steps)
 
@@ -64,13 +65,25 @@ def create(cfg: JobConfig, mesh: Mesh) -> tuple[Setup, dict, Any]:
     opt_sh = jax.tree.map(lambda x: by_shape.get((x.shape, x.dtype), replicated) if x.ndim else replicated,
                           abs_opt)
     state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+    shapes = cache_shape(cfg.model, cfg.train.global_batch_size)
+    cache_sh = sharding.cache_shardings(shapes, mesh, rules)
+    setup = Setup(cfg, mesh, rules, graphdef, tx, state_sh, cache_sh)
+    abs_state = setup.abstract_state({"params": abs_params, "opt_state": abs_opt,
+                                      "step": jax.ShapeDtypeStruct((), jnp.int32)})
+    return setup, abs_state, factory
+
+
+def create(cfg: JobConfig, mesh: Mesh) -> tuple[Setup, dict, Any]:
+    """(setup, state, cache): a fresh sharded state and an all-invalid cache."""
+    setup, _, factory = plan(cfg, mesh)
+    tx = setup.tx
 
     def init():
         params = nnx.split(factory())[1]
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    state = jax.jit(init, out_shardings=state_sh)()
+    state = jax.jit(init, out_shardings=setup.state_shardings)()
     shapes = cache_shape(cfg.model, cfg.train.global_batch_size)
-    cache_sh = sharding.cache_shardings(shapes, mesh, rules)
-    cache = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), out_shardings=cache_sh)()
-    return Setup(cfg, mesh, rules, graphdef, tx, state_sh, cache_sh), state, cache
+    cache = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+                    out_shardings=setup.cache_shardings)()
+    return setup, state, cache
