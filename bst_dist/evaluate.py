@@ -53,8 +53,8 @@ class StreamEvaluator:
         def step(params, cache, inputs, targets, mask, doc_start, bucket):
             model = nnx.merge(graphdef, params)
             x, cache = model.features(inputs, cache, doc_start)
-            lse = jax.nn.logsumexp(model.logits(x), -1)
-            nats = (lse - jnp.take_along_axis(model.logits(x), targets[..., None], -1)[..., 0]) * mask
+            logits = model.logits(x)
+            nats = (jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]) * mask
             one_hot = jax.nn.one_hot(bucket, nb, dtype=jnp.float32)
             return cache, jnp.einsum("bt,btk->k", nats, one_hot), jnp.einsum("bt,btk->k", mask, one_hot)
 
@@ -114,7 +114,7 @@ def eval_at_length(setup: Setup, params, T: int, split: str = "validation", max_
     Tp = -(-T // W) * W
     B = batch_size or cfg.train.global_batch_size
     graphdef = setup.graphdef
-    row2, row1 = _rows(setup, 2), _rows(setup, 1)
+    row2 = _rows(setup, 2)
     from bst_dist.models import cache_shape
 
     shapes = cache_shape(cfg.model, B, Tp)

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bst_dist import config
-from bst_dist.models import build
 
 TINY = dict(vocab_size=64, d_model=32, num_layers=4, num_heads=2, head_dim=16, mlp_dim=64, block_len=8,
             seq_len=32, dtype="float32", bst_layers=[1], brect_layers=[2])

@@ -15,7 +15,7 @@ from flax import nnx
 from bst_dist.config import ModelConfig
 from bst_dist.models import attention as attn
 from bst_dist.models.block import SelfAttention, xl_cache_shape
-from bst_dist.models.modules import (FFN, KVQ, Dropout, HeadScale, PostAttn, RMSNorm, attn_dropout,
+from bst_dist.models.modules import (FFN, KVQ, Dropout, HeadScale, PostAttn, RMSNorm,
                                      normal, param)
 
 
