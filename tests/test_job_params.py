@@ -1,0 +1,15 @@
+"""Parameter counts of the jobs/ files are what their `# params:` headers say (counted from
+shapes with nnx.eval_shape: the 400M model is never allocated)."""
+
+import glob
+import os
+
+from ops.job_params import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_job_header_matches_the_counted_parameters(capsys):
+    jobs = sorted(glob.glob(os.path.join(REPO, "jobs", "*.yaml")) + glob.glob(os.path.join(REPO, "jobs", "variants", "*.yaml")))
+    assert len(jobs) >= 10
+    assert main(jobs) == 0, capsys.readouterr().out
