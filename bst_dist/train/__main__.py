@@ -1,19 +1,22 @@
-"""`python -m bst_dist.train JOB.yaml [--set k=v ...]`: the training loop in this one process,
-without Ray (debugging, and the subprocess runs of the resume tests). `bst-dist train` is the
-command users run."""
+"""`python -m bst_dist.train JOB.yaml [--set k=v ...]`: the training loop in this process, without
+Ray (debugging, and the subprocess runs of the resume tests). With --coordinator it joins a
+multi-process JAX job first (one call per process), the way a Ray worker does. `bst-dist train`
+is the command users run."""
 
 import argparse
 import logging
 import sys
 
 from bst_dist import config
-from bst_dist.train.loop import train
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bst_dist.train")
     p.add_argument("job")
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-process runs)")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--process-id", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -21,6 +24,12 @@ def main(argv=None) -> int:
     except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.coordinator:
+        import jax
+
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from bst_dist.train.loop import train
+
     train(cfg)
     return 0
 
