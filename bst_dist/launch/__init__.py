@@ -19,7 +19,6 @@ import os
 import sys
 from typing import Any, Callable, Optional
 
-from bst_dist import config as config_lib
 from bst_dist.config import ConfigError, JobConfig
 
 log = logging.getLogger("bst_dist.launch")
@@ -84,7 +83,28 @@ def _enable_token_auth_if_given() -> None:
     """A token in the environment means the cluster uses token auth (Ray does not infer it for
     an explicit address)."""
     if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        from bst_dist.launch.local import refresh_auth
+
         os.environ["RAY_AUTH_MODE"] = "token"
+        refresh_auth()
+
+
+def _listens_on_loopback_only(address: str) -> bool:
+    """A head bound to 127.0.0.1 only (like the embedded one) needs a single-node driver; a usual
+    head (node IP routable, GCS on all interfaces) needs a usual driver, even via 127.0.0.1."""
+    import socket
+
+    from ray._private.services import node_ip_address_from_perspective
+
+    host_port = address.split("://", 1)[-1]
+    if ":" not in host_port:
+        return False
+    port = int(host_port.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection((node_ip_address_from_perspective(), port), timeout=2):
+            return False
+    except OSError:
+        return True
 
 
 def connect(address: str, cfg: JobConfig) -> None:
@@ -94,7 +114,7 @@ def connect(address: str, cfg: JobConfig) -> None:
 
     _enable_token_auth_if_given()
     kwargs: dict = {}
-    if is_loopback(address):
+    if is_loopback(address) and _listens_on_loopback_only(address):
         use_loopback_driver()
     elif not in_submitted_job() and cfg.ray.runtime_env:
         kwargs["runtime_env"] = driver_runtime_env(cfg)
@@ -166,10 +186,13 @@ def train(cfg: JobConfig, *, address: Optional[str] = None, workers: Optional[in
     if ray.is_initialized():
         return ray_trainer.fit(cfg, train_fn)
     if addr is None:
+        # The dashboard too: Ray Train's placement-group cleaner queries the state API it serves
+        # (a minimal `ray` without ray[default] cannot run it; then the cleaner just logs).
+        from ray._private.utils import get_dashboard_dependency_error
+
         from bst_dist.launch.local import LocalRay
 
-        # The dashboard too: Ray Train's placement-group cleaner queries the state API it serves.
-        with LocalRay(num_cpus=local_cpus(cfg), dashboard=True) as head:
+        with LocalRay(num_cpus=local_cpus(cfg), dashboard=get_dashboard_dependency_error() is None) as head:
             log.info("embedded Ray on %s (dashboard %s); stopped when the run ends", head.address, head.dashboard_url)
             head.connect()
             try:

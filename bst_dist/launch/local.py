@@ -61,11 +61,35 @@ def use_loopback_driver(token: Optional[str] = None) -> None:
         constants.ENABLE_RAY_CLUSTER = False
     if token is not None:
         os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-        if "ray._raylet" in sys.modules:  # Ray caches the mode and the token once loaded
-            from ray._raylet import AuthenticationTokenLoader, Config
+        refresh_auth()
 
-            Config.initialize("")
-            AuthenticationTokenLoader.instance().reset_cache()
+
+def connect(address: str, token: Optional[str] = None, **init_kwargs):
+    """`ray.init` this process as a driver of a loopback-only head (LocalRay's address/token)."""
+    import ray
+
+    use_loopback_driver(token)
+    return ray.init(address=address, **init_kwargs)
+
+
+def refresh_auth() -> None:
+    """Make an already imported Ray re-read RAY_AUTH_MODE and the token (it caches both)."""
+    if "ray._raylet" in sys.modules:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the head gets SIGTERM (and cleans up) when the launching process dies, even by
+    SIGKILL; otherwise an embedded head would outlive a killed `bst-dist train`. Linux only."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _ray_executable() -> str:
@@ -129,11 +153,18 @@ class LocalRay:
         env.update(self.client_env())
         env["AUTOSCALER_METRIC_PORT"] = str(free_port())
         env["DASHBOARD_METRIC_PORT"] = str(free_port())
+        # stop(): no 30 s "drain before shutdown" (Ray 2.60's SIGTERM handling of a head).
+        env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+        if self.dashboard_url:
+            # Ray Train's placement-group cleaner finds the state API by scanning the machine for
+            # Ray instances, which fails when several run (other users, tests): name ours.
+            env["RAY_API_SERVER_ADDRESS"] = self.dashboard_url
         env.pop("RAY_ADDRESS", None)
         self._log = open(os.path.join(self.temp_dir, "head.log"), "ab")
         # Own session: stop() can signal exactly this head's process group.
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         self._wait_ready(port)
         self.address = f"{LOOPBACK}:{port}"
         return self
@@ -144,10 +175,7 @@ class LocalRay:
 
     def connect(self, **init_kwargs):
         """`ray.init` this process as a driver of this head."""
-        import ray
-
-        use_loopback_driver(self.token)
-        return ray.init(address=self.address, **init_kwargs)
+        return connect(self.address, self.token, **init_kwargs)
 
     def _wait_ready(self, port: int) -> None:
         marker = os.path.join(self.temp_dir, "ray_current_cluster")

@@ -42,7 +42,8 @@ def worker_env(cfg: JobConfig) -> dict[str, str]:
     if platform(r) == "cpu":
         env.setdefault("JAX_PLATFORMS", "cpu")
         if r.cpu_devices_per_worker:
-            env["XLA_FLAGS"] = cpu_xla_flags(r.cpu_devices_per_worker, env.get("XLA_FLAGS", os.environ.get("XLA_FLAGS", "")))
+            existing = env.get("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+            env["XLA_FLAGS"] = cpu_xla_flags(r.cpu_devices_per_worker, existing)
     return env
 
 
@@ -88,32 +89,42 @@ def build_trainer(cfg: JobConfig, train_fn: Optional[Callable[..., Any]] = None)
         scaling_config=scaling_config(r), run_config=run_config(cfg))
 
 
-def _first_line(text: str, limit: int = 300) -> str:
+def _line(text: str, *, last: bool = False, limit: int = 300) -> str:
+    """One line of `text` (the last one of a traceback is the exception itself), shortened."""
     lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    # Ray prefixes user errors with a traceback; the last line is the exception itself.
-    line = lines[-1] if lines else ""
+    line = (lines[-1] if last else lines[0]) if lines else ""
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def describe_cause(e: BaseException) -> str:
+    """What one rank died of, in a line."""
+    from ray.exceptions import RayActorError
+
+    e = getattr(e, "health_check_failure", None) or e  # Ray Train: the worker stopped answering
+    if isinstance(e, RayActorError):
+        return "worker process died (killed by a signal, out of memory, or its node was lost)"
+    base = getattr(e, "_base_exc", None)  # Ray Train: an exception raised by the training function
+    if isinstance(base, SystemExit):
+        return f"exited with status {base.code}" + (" (SIGTERM: stopped after a final checkpoint)"
+                                                    if base.code == 128 + 15 else "")
+    if base is not None:
+        return f"{type(base).__name__}: {_line(str(base))}"
+    text = str(e)
+    return _line(text, last="Traceback (most recent call last)" in text) or type(e).__name__
 
 
 def describe_failure(err: BaseException, max_failures: int) -> str:
     """One line: how many restarts were spent and what each failing rank died of."""
-    from ray.exceptions import RayActorError
     from ray.train import ControllerError, WorkerGroupError
 
     budget = f"after {max_failures} restart(s) (ray.max_failures={max_failures})" if max_failures else \
         "with no restarts allowed (ray.max_failures=0)"
     if isinstance(err, WorkerGroupError):
-        causes = []
-        for rank, e in sorted(err.worker_failures.items()):
-            if isinstance(e, RayActorError):
-                what = "worker process died (killed by a signal, out of memory, or its node was lost)"
-            else:
-                what = _first_line(str(e)) or type(e).__name__
-            causes.append(f"rank {rank}: {what}")
+        causes = [f"rank {rank}: {describe_cause(e)}" for rank, e in sorted(err.worker_failures.items())]
         return f"training failed {budget}: " + "; ".join(causes)
     if isinstance(err, ControllerError):
-        return f"training failed {budget}: Ray Train controller: {_first_line(str(err.controller_failure))}"
-    return f"training failed {budget}: {_first_line(str(err))}"
+        return f"training failed {budget}: Ray Train controller: {_line(str(err.controller_failure))}"
+    return f"training failed {budget}: {_line(str(err))}"
 
 
 def fit(cfg: JobConfig, train_fn: Optional[Callable[..., Any]] = None) -> Any:

@@ -8,7 +8,8 @@
          the main thread install signal handlers, so the handler is installed on the actor's main
          thread (idle once the training thread runs) and sets an Event the loop polls.
       3. train_fn(cfg, report=..., [stop=Event]): `report` calls ray.train.report on every rank
-         (it is a barrier across the workers); only rank 0's metrics are kept by Ray.
+         every `train.log_every` steps (it is a barrier across the workers); only rank 0's
+         metrics are kept by Ray. Ray's node-drain (preemption) notice also sets the stop Event.
       4. Clean exit: jax.distributed.shutdown() (a barrier) on CPU; rank 0 returns the summary.
 """
 
@@ -19,28 +20,31 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Any, Callable, Optional
 
 log = logging.getLogger("bst_dist.launch")
 
-# Signals are delivered per process, so the state they touch is per process too: `_SIGTERM` is
-# set by the main-thread handler and read by the training thread (passed to it as `stop`);
+# Signals are delivered per process, so the state they touch is per process too: `_STOP` is
+# set by the main-thread SIGTERM handler (or a Ray preemption notice) and read by the training
+# thread (passed to it as `stop`);
 # `_ACTIVE` says a training function is running; `_PREVIOUS` holds Ray's own handler, which
 # still ends the process when no training runs (Ray tears a worker group down with SIGTERM).
-_SIGTERM = threading.Event()
+_STOP = threading.Event()
 _ACTIVE = threading.Event()
 _PREVIOUS: list = [None]
 
 
 def _on_sigterm(signum, frame) -> None:
-    if _ACTIVE.is_set() and not _SIGTERM.is_set():
+    if _ACTIVE.is_set() and not _STOP.is_set():
         print(f"bst-dist worker pid {os.getpid()}: SIGTERM: checkpoint and stop after this step", flush=True)
-        _SIGTERM.set()
+        _STOP.set()
         return
-    previous = _PREVIOUS[0]  # idle, or a second SIGTERM: exit the way Ray would have
+    previous = _PREVIOUS[0]  # idle, or a second SIGTERM: what would have happened without us
     if callable(previous):
-        previous(signum, frame)
-    os._exit(128 + signal.SIGTERM)
+        previous(signum, frame)  # Ray's handler: exit the worker
+    elif previous != signal.SIG_IGN:
+        os._exit(128 + signal.SIGTERM)
 
 
 def _install_on_this_thread() -> bool:
@@ -52,20 +56,20 @@ def _install_on_this_thread() -> bool:
 
 def install_sigterm_bridge() -> threading.Event:
     """Route this process's SIGTERM to the returned Event while a training function runs."""
-    _SIGTERM.clear()
+    _STOP.clear()
     if threading.current_thread() is threading.main_thread():
         _install_on_this_thread()
-        return _SIGTERM
+        return _STOP
     try:
         import ray
 
         # The Ray Train worker actor runs tasks on its main thread; `execute` is its generic
-        # "run this function here" method. Runs in this same process, so it sees `_SIGTERM`.
+        # "run this function here" method. Runs in this same process, so it sees `_STOP`.
         actor = ray.get_runtime_context().current_actor
         ray.get(actor.execute.remote(_install_on_this_thread), timeout=60)
     except Exception as e:  # noqa: BLE001 - degrade to Ray's default (exit without a final save)
         log.warning("SIGTERM handler not installed (%s): a SIGTERM ends this worker without a final checkpoint", e)
-    return _SIGTERM
+    return _STOP
 
 
 def init_cpu_distributed(rank: int, world: int) -> None:
@@ -97,11 +101,58 @@ def _plain(metrics: dict) -> dict:
     return out
 
 
-def make_report() -> Callable[[dict], None]:
+class _RayPreemption:
+    """Ray's own preemption notice (a node being drained: a KubeRay pod deleted, a spot VM
+    reclaimed through the autoscaler, `ray start` getting SIGTERM), turned into the same stop
+    request as a SIGTERM. Ray's PreemptionWatcher marks every worker of the group; this reads the
+    mark locally after each report (no extra collective: the loop's own per-step agreement on
+    `stop` makes the decision the same on every process). After the final checkpoint the workers
+    wait for Ray to tear the group down, so that Ray counts a preemption
+    (FailureConfig.max_preemption_failures, unlimited by default) rather than a failure."""
+
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+        self.info = None
+
+    @staticmethod
+    def _local_notice():
+        try:
+            from ray.train.v2._internal.execution.context import get_train_context
+
+            return get_train_context().preemption_context.preemption_info
+        except Exception:  # noqa: BLE001 - a Ray without preemption notices
+            return None
+
+    def check(self) -> None:
+        info = self._local_notice()
+        if info is not None and self.info is None:
+            self.info = info
+            print(f"bst-dist worker pid {os.getpid()}: Ray preempts ranks {info.preempted_ranks}: "
+                  "checkpoint and stop after this step", flush=True)
+            self.stop.set()
+
+    def wait_for_teardown(self, limit_s: float = 600.0) -> None:
+        deadline_ms = getattr(self.info, "deadline_ms", None)
+        wait = limit_s if deadline_ms is None else min(limit_s, max(0.0, deadline_ms / 1000 - time.time()) + 60.0)
+        log.warning("checkpoint saved; waiting up to %.0fs for Ray to replace the preempted node", wait)
+        time.sleep(wait)
+
+
+def make_report(*, every: int = 1, last_step: Optional[int] = None,
+                preemption: Optional[_RayPreemption] = None) -> Callable[[dict], None]:
+    """The loop's per-step `report`. Forwards to ray.train.report on steps that are multiples of
+    `every` (and the last step): Ray Train's controller takes one report per worker every
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s) and a worker's second pending report blocks, so
+    reporting every fast step would throttle training. The choice depends on the step only, so
+    every rank makes the same number of calls (report is a barrier across the workers)."""
     import ray.train
 
     def report(metrics: dict) -> None:
-        ray.train.report(_plain(metrics))
+        step = metrics.get("step")
+        if step is None or step % every == 0 or step == last_step:
+            ray.train.report(_plain(metrics))
+        if preemption is not None:
+            preemption.check()
 
     return report
 
@@ -155,14 +206,21 @@ def train_worker(config: dict) -> Optional[Any]:
         init_cpu_distributed(rank, world)
     stop = install_sigterm_bridge()
     train_fn = config.get("train_fn") or default_train_fn()
-    kwargs: dict = {"report": make_report()}
+    preemption = None
+    kwargs: dict = {}
     if accepts(train_fn, "stop"):
         kwargs["stop"] = stop
+        preemption = _RayPreemption(stop)
     elif rank == 0:
         log.warning("the training function takes no `stop` event: SIGTERM cannot trigger a final checkpoint")
+    kwargs["report"] = make_report(every=max(1, cfg.train.log_every), last_step=cfg.train.steps, preemption=preemption)
     _ACTIVE.set()
     try:
         summary = train_fn(cfg, **kwargs)
+    except SystemExit:
+        if preemption is not None and preemption.info is not None:
+            preemption.wait_for_teardown()
+        raise
     finally:
         _ACTIVE.clear()
     if cpu_multi:

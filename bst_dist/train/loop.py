@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from typing import Callable
 
@@ -25,7 +26,7 @@ from bst_dist import sharding
 from bst_dist.config import ConfigError, JobConfig
 from bst_dist.flops import train_step_flops
 from bst_dist.train import state as state_lib
-from bst_dist.train.checkpoint import Checkpointer
+from bst_dist.train.checkpoint import Checkpointer, NoReadableCheckpoint, check_compatible
 from bst_dist.train.metrics import MetricsLogger, device_peak_flops, mfu
 from bst_dist.train.preemption import PREEMPTED_EXIT_CODE, PreemptionGuard, any_process
 from bst_dist.train.step import BATCH_KEYS, batch_shardings, make_train_step
@@ -54,6 +55,20 @@ def check_batch(cfg: JobConfig, mesh) -> None:
                           f"(data x fsdp = {n})")
 
 
+def check_resumable(ckpt: Checkpointer, cfg: JobConfig) -> None:
+    """Refuse the newest checkpoint when the job cannot continue from it (IncompatibleCheckpoint
+    naming the difference), before the data, the model or any compilation. The restore checks
+    each candidate again; an unreadable newest step is left to its fallback."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return
+    try:
+        meta = ckpt.read_meta(latest)
+    except NoReadableCheckpoint:
+        return
+    check_compatible(meta, config_lib.to_dict(cfg), source=ckpt.directory)
+
+
 def global_batch(local: dict, shardings: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(local[k])) for k in BATCH_KEYS}
 
@@ -75,24 +90,34 @@ def write_job(cfg: JobConfig) -> None:
         yaml.safe_dump(config_lib.to_dict(cfg), f, sort_keys=False)
 
 
-def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None) -> dict:
-    """Train (or resume) the job in this process; returns a summary on every process."""
+def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None,
+          stop: threading.Event | None = None) -> dict:
+    """Train (or resume) the job in this process; returns a summary on every process.
+
+    report: called every step on every process with the step's metrics (Ray's report hook).
+    stop: set by another thread to ask for a checkpoint and exit, like SIGTERM (Ray workers run
+    this function on a thread that cannot install signal handlers)."""
     from data_pipelines import make_loader
 
     t_start = time.time()
     chief = jax.process_index() == 0
     mesh = sharding.make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
-    if chief:
-        write_job(cfg)
     m, t = cfg.model, cfg.train
     B, total = t.global_batch_size, t.steps
+    ckpt = Checkpointer(checkpoint_dir(cfg), every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last,
+                        keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
+    try:
+        check_resumable(ckpt, cfg)
+    except BaseException:
+        ckpt.close()
+        raise
+    if chief:
+        write_job(cfg)  # only now: a refused rerun must not overwrite the job.yaml of the checkpoints
 
     loader = make_loader(cfg.data, seq_len=m.seq_len, global_batch_size=B, process_index=jax.process_index(),
                          process_count=jax.process_count(), split="train", seed=t.seed)
     setup, state, cache = state_lib.create(cfg, mesh)
-    ckpt = Checkpointer(checkpoint_dir(cfg), every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last,
-                        keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
     start, tokens_seen = 0, 0
     if ckpt.latest_step() is not None:
         state, cache, meta, start = ckpt.restore(abstract_state=setup.abstract_state(state),
@@ -121,7 +146,7 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None) -> di
         log.info("training %s: %d devices, mesh %s, steps %d..%d, %.1fs to first step", cfg.name, jax.device_count(),
                  dict(mesh.shape), start, total, time.time() - t_start)
     try:
-        with PreemptionGuard() as guard:
+        with PreemptionGuard(event=stop) as guard:
             for step in range(start, total):
                 t0 = time.perf_counter()
                 batch = global_batch(next(loader), shardings)

@@ -38,10 +38,12 @@ class PreemptionGuard:
     another mechanism to ask for a stop.
     """
 
-    def __init__(self, *, sigint: bool = False):
+    def __init__(self, *, sigint: bool = False, event: threading.Event | None = None):
         self._signals = [signal.SIGTERM] + ([signal.SIGINT] if sigint else [])
         self._previous: dict[int, object] = {}
-        self._event = threading.Event()
+        # `event`: a stop request from elsewhere (a Ray worker's main-thread SIGTERM bridge,
+        # Ray's drain notice) that the loop treats exactly like its own SIGTERM.
+        self._event = event if event is not None else threading.Event()
         self._count: dict[int, int] = {}
 
     @property
@@ -67,7 +69,7 @@ class PreemptionGuard:
 
     def __enter__(self) -> "PreemptionGuard":
         if threading.current_thread() is not threading.main_thread():
-            log.warning("PreemptionGuard: not the main thread, no signal handler installed")
+            log.info("PreemptionGuard: not the main thread; stop requests come through the event")
             return self
         for sig in self._signals:
             self._previous[sig] = signal.signal(sig, self._handle)
