@@ -69,7 +69,7 @@ class PreemptionGuard:
 
     def __enter__(self) -> "PreemptionGuard":
         if threading.current_thread() is not threading.main_thread():
-            log.info("PreemptionGuard: not the main thread; stop requests come through the event")
+            log.debug("PreemptionGuard: not the main thread; stop requests come through the event")
             return self
         for sig in self._signals:
             self._previous[sig] = signal.signal(sig, self._handle)
