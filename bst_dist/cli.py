@@ -37,6 +37,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errors.append(DataError)
     except ImportError:
         pass
+    from bst_dist.models.lm import InputError
+    from bst_dist.train.checkpoint import IncompatibleCheckpoint, NoReadableCheckpoint
+
+    errors += [InputError, IncompatibleCheckpoint, NoReadableCheckpoint]
     return tuple(errors)
 
 

@@ -6,9 +6,9 @@ the last logged metrics."""
 
 from __future__ import annotations
 
-import base64
 import glob
 import json
+import logging
 import os
 import re
 
@@ -21,25 +21,32 @@ def _read_json(path: str):
 
 
 def _arrays(item_dir: str) -> list[dict]:
-    """(path, shape, partition spec, mesh shape) of every array of an Orbax StandardSave item."""
-    meta_path, shard_path = os.path.join(item_dir, "_METADATA"), os.path.join(item_dir, "_sharding")
-    if not os.path.exists(meta_path):
+    """(path, global shape, partition spec, mesh shape) of every array of an Orbax StandardSave
+    item, from its metadata alone (no array is read)."""
+    if not os.path.exists(os.path.join(item_dir, "_METADATA")):
         return []
-    tree = _read_json(meta_path).get("tree_metadata", {})
-    shardings = {}
-    if os.path.exists(shard_path):
-        for k, v in _read_json(shard_path).items():
-            shardings[base64.b64decode(k).decode()] = json.loads(v)
+    import jax
+    import orbax.checkpoint as ocp
+
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # Orbax warns that an item dir has no step-level metadata file
+    try:
+        meta = ocp.StandardCheckpointer().metadata(item_dir)
+    finally:
+        absl_log.setLevel(level)
+    tree = getattr(meta, "item_metadata", meta)
     out = []
-    for entry in tree.values():
-        value = entry.get("value_metadata", {})
-        if value.get("skip_deserialize"):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not hasattr(leaf, "shape"):
             continue
-        keys = [str(k["key"]) for k in entry["key_metadata"]]
-        dotted = ".".join(keys)
-        sh = shardings.get(dotted, {})
-        out.append({"path": "/".join(k for k in keys if k != "value"), "shape": value.get("write_shape"),
-                    "spec": sh.get("partition_spec"), "mesh": dict(zip(sh.get("axis_names", []), sh.get("shape", [])))})
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        sh = getattr(leaf, "sharding", None)
+        spec = getattr(sh, "partition_spec", None)
+        mesh = dict(zip(getattr(sh, "axis_names", []) or [], [int(x) for x in getattr(sh, "shape", [])]))
+        out.append({"path": "/".join(k for k in keys if k != "value"), "shape": list(leaf.shape),
+                    "spec": [list(p) if isinstance(p, tuple) else p for p in spec] if spec is not None else None,
+                    "mesh": mesh})
     return out
 
 

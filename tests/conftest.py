@@ -10,3 +10,18 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 import tempfile  # noqa: E402
 
 os.environ.setdefault("BST_DIST_CACHE", os.path.join(tempfile.gettempdir(), "bst_dist_test_cache"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory):
+    """One uninterrupted run of train_utils.REFERENCE_JOB (in this process, mesh (8, 1, 1)), shared
+    by the tests that compare against it: (run dir, summary). Treat the directory as read-only
+    (copy it to change it)."""
+    from train_utils import REFERENCE_JOB, checkpoint_steps, train_in_process
+
+    run_dir = str(tmp_path_factory.mktemp("tiny_reference") / "run")
+    summary = train_in_process(REFERENCE_JOB, run_dir)
+    assert summary["start_step"] == 0 and checkpoint_steps(run_dir) == [2, 4, 6]
+    return run_dir, summary

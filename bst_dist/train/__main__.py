@@ -28,9 +28,14 @@ def main(argv=None) -> int:
         import jax
 
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from bst_dist.train.checkpoint import IncompatibleCheckpoint
     from bst_dist.train.loop import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except (config.ConfigError, IncompatibleCheckpoint) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -44,7 +44,8 @@ SCHEMA_VERSION = 1
 
 # Model keys that may change between a checkpoint and the job that resumes it: they change
 # neither a parameter shape nor the cache layout.
-_FREE_MODEL_KEYS = frozenset({"dtype", "dropout", "attn_dropout", "mask"})
+# keys that change numerics or kernels but no parameter or cache shape: a resume may change them
+_FREE_MODEL_KEYS = frozenset({"dtype", "dropout", "attn_dropout", "mask", "attention_impl"})
 
 _ITEMS = ("state", "cache", "data", "meta")
 
