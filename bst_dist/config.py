@@ -57,6 +57,9 @@ class ModelConfig:
     seq_len: int = 4096  # L (training length; the model runs any multiple of W)
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute dtype; params are float32
     mask: Literal["inclusive", "strict"] = "inclusive"
+    # block self-attention: "xla" (einsums, any mask) or "cudnn" (fused flash kernel, GPU, bf16,
+    # inclusive mask, no attention dropout)
+    attention_impl: Literal["xla", "cudnn"] = "xla"
     dropout: float = 0.0
     attn_dropout: float = 0.0
     rel_buckets: int = 32
@@ -337,6 +340,9 @@ def validate(cfg: JobConfig) -> JobConfig:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
     if not 0.0 <= m.attn_dropout < 1.0:
         raise ConfigError(f"model.attn_dropout: must be in [0, 1), got {m.attn_dropout}")
+    if m.attention_impl == "cudnn" and (m.mask != "inclusive" or m.attn_dropout > 0 or m.dtype != "bfloat16"):
+        raise ConfigError("model.attention_impl: 'cudnn' needs model.mask=inclusive, model.attn_dropout=0 and "
+                          f"model.dtype=bfloat16 (got mask={m.mask}, attn_dropout={m.attn_dropout}, dtype={m.dtype})")
     if m.vocab_multiple <= 0 or m.padded_vocab < m.vocab_size:
         raise ConfigError(f"model.vocab_multiple: must be > 0, got {m.vocab_multiple}")
 

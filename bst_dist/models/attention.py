@@ -133,3 +133,73 @@ def block_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_prev: jax.A
     mask = window_mask(W, strict)[None, None, None] & prev_valid_mask(prev_valid, nb, W)
     out = attend(to_blocks(q, W), kc, vc, alpha, bias=bias[None, None], mask=mask, dropout=dropout)
     return out.reshape(q.shape)
+
+
+def block_self_attention_flash(q: jax.Array, k: jax.Array, v: jax.Array, k_prev: jax.Array, v_prev: jax.Array,
+                               prev_valid: jax.Array, alpha: jax.Array, bias: jax.Array, W: int,
+                               implementation: str = "cudnn") -> jax.Array:
+    """`block_self_attention` with the inclusive mask through a fused (flash) kernel:
+    `jax.nn.dot_product_attention(implementation=...)` over blocks, queries (B*nb, W, H, hd)
+    against [previous block; block] keys (B*nb, 2W, H, hd).
+
+    Same arguments and result as `block_self_attention(..., strict=False, dropout=None)`. The
+    per-head scale alpha is folded into the queries and the bias (softmax(alpha (q.k + b)) =
+    softmax((alpha q).k + alpha b)), the kernel's own scale is 1. The bias handed to the kernel is
+    one (1, H, W, 2W) array shared by every block and lane: cuDNN returns the bias gradient only
+    for a bias broadcast over the batch (a per-row bias silently gets a zero gradient), so the
+    per-lane "previous block invalid" mask (document start, no XL cache) is not put in the bias.
+    Instead block 0 is also attended against its own W keys alone, and each lane takes that result
+    where its previous block is invalid (a second, small call: 1/(2 nb) more attention work).
+    The inclusive mask never leaves a row fully masked (a token always sees itself), so the
+    kernel's behaviour on such rows (a mean of the values) never arises; the strict mask must keep
+    the exact XLA path. Attention dropout is not supported here.
+    """
+    B, T, H, hd = q.shape
+    nb = T // W
+    dt = q.dtype
+    a = alpha.astype(jnp.float32)
+    qb = (to_blocks(q, W).astype(jnp.float32) * a[:, None]).astype(dt)  # (B, nb, W, H, hd)
+    kb, vb = to_blocks(k, W), to_blocks(v, W)
+    kc = with_previous_block(kb, k_prev.astype(k.dtype)).reshape(B * nb, 2 * W, H, hd)
+    vc = with_previous_block(vb, v_prev.astype(v.dtype)).reshape(B * nb, 2 * W, H, hd)
+    sb = (bias.astype(jnp.float32) * a[:, None, None])  # (H, W, 2W): alpha b
+    mask = window_mask(W, strict=False)  # (W, 2W)
+    sdpa = lambda qq, kk, vv, bb, mm: jax.nn.dot_product_attention(
+        qq, kk, vv, bias=bb[None].astype(dt), mask=mm[None, None], scale=1.0, implementation=implementation)
+    out = sdpa(qb.reshape(B * nb, W, H, hd), kc, vc, sb, mask).reshape(B, nb, W, H, hd)
+    # block 0 against its own keys only: what a lane sees when its previous block is invalid
+    out0 = sdpa(qb[:, 0], kb[:, 0], vb[:, 0], sb[:, :, W:], mask[:, W:])  # (B, W, H, hd)
+    first = jnp.where(prev_valid[:, None, None, None], out[:, 0], out0)
+    out = jnp.concatenate([first[:, None], out[:, 1:]], axis=1)
+    return out.reshape(q.shape)
+
+
+def window_bias_toeplitz(table: jax.Array, W: int, max_distance: int) -> jax.Array:
+    """`window_bias` (same values, (H, W, 2W)) built without a (W, 2W) gather, so that its gradient
+    is no scatter-add: the gradient of the gather sends W*2W*H updates into H*32 table entries,
+    which serialises on the GPU (1.4 ms per layer at W=512 on an H100). Here the bias depends on
+    the distance n = W + q - k only: a gather of a short vector vec[m] = table[bucket(2W - m)],
+    m in [0, 3W], then a Toeplitz expansion by broadcast + reshape + slice (row q shifted by q),
+    whose transpose is a reduction (the sum along each diagonal)."""
+    H = table.shape[0]
+    m = jnp.arange(3 * W + 1)
+    vec = table[:, t5_bucket(2 * W - m, table.shape[-1], max_distance)]  # (H, 3W+1)
+    rows = jnp.broadcast_to(vec[:, None, :], (H, W, 3 * W + 1)).reshape(H, W * (3 * W + 1))
+    skew = rows[:, : W * 3 * W].reshape(H, W, 3 * W)  # skew[h, q, j] = vec[h, j - q]  (j >= q)
+    return skew[:, :, W:]  # j = k + W: vec[k + W - q] = table[bucket(W + q - k)]
+
+
+def block_cross_attention_flash(q: jax.Array, k: jax.Array, v: jax.Array, alpha: jax.Array,
+                                implementation: str = "cudnn") -> jax.Array:
+    """`attend(q, k, v, alpha, mask=causal_mask(W, strict=False))` for the BST SH/MH
+    cross-attention (each query sees the context states at positions <= its own in its block)
+    through a fused kernel. q, k, v (B, nb, W, H, hd) -> (B, nb, W, H, hd). No bias, so no
+    batch-broadcast restriction; alpha is folded into the queries as in
+    `block_self_attention_flash`; inclusive mask only (a query always sees its own position, so
+    no row is fully masked), no attention dropout."""
+    B, nb, W, H, hd = q.shape
+    qs = (q.astype(jnp.float32) * alpha.astype(jnp.float32)[:, None]).astype(q.dtype)
+    flat = lambda x: x.reshape(B * nb, W, H, hd)
+    out = jax.nn.dot_product_attention(flat(qs), flat(k), flat(v), is_causal=True, scale=1.0,
+                                       implementation=implementation)
+    return out.reshape(q.shape)

@@ -177,9 +177,13 @@ class BSTLayer(nnx.Module):
             ctx = (self._lift(y) if b.variant == "SH" else y).astype(dt)  # (B, T, d, H)
             kc, vc = self._ctx_kv(ctx)
             mask = attn.causal_mask(W, strict=cfg.mask == "strict")
-            dropout = attn_dropout(drop, 4, (nb, cfg.num_heads, W, W))
-            cross = attn.attend(q2b, attn.to_blocks(kc, W), attn.to_blocks(vc, W), self.cross_scale(),
-                                mask=mask, dropout=dropout)
+            if cfg.attention_impl == "cudnn":  # inclusive mask: no row is fully masked
+                cross = attn.block_cross_attention_flash(q2b, attn.to_blocks(kc, W), attn.to_blocks(vc, W),
+                                                         self.cross_scale())
+            else:
+                dropout = attn_dropout(drop, 4, (nb, cfg.num_heads, W, W))
+                cross = attn.attend(q2b, attn.to_blocks(kc, W), attn.to_blocks(vc, W), self.cross_scale(),
+                                    mask=mask, dropout=dropout)
         else:  # MF
             ends = jnp.swapaxes(y[:, W - 1::W], -1, -2)  # (B, nb, S, d): each window's last position
             prev = jnp.where(keep, jax.lax.stop_gradient(cache["ctx"]), self.init_context[...][None])

@@ -21,6 +21,7 @@ from flax import nnx
 
 from bst_dist.models.modules import Dropout
 from bst_dist.sharding import batch_sharding
+from bst_dist.train.chunked_loss import chunked_cross_entropy
 from bst_dist.train.state import Setup
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "doc_start")
@@ -57,7 +58,9 @@ def make_train_step(setup: Setup):
         drop = Dropout(keys, m.dropout, m.attn_dropout) if use_dropout else None
         doc_start = batch["doc_start"] if carry_cache else jnp.ones_like(batch["doc_start"])
         x, new_cache = model.features(batch["inputs"], cache, doc_start, drop)
-        nats = cross_entropy(model.logits(x), batch["targets"], batch["loss_mask"])
+        # the head and loss in chunks: the (B, T, V) float32 logits are never materialised
+        nats = chunked_cross_entropy(x, model.embed[...], batch["targets"], batch["loss_mask"],
+                                     vocab_size=m.vocab_size)
         return nats, new_cache
 
     def train_step(state, cache, batch):
