@@ -117,14 +117,18 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None,
 
     loader = make_loader(cfg.data, seq_len=m.seq_len, global_batch_size=B, process_index=jax.process_index(),
                          process_count=jax.process_count(), split="train", seed=t.seed)
-    setup, state, cache = state_lib.create(cfg, mesh)
     start, tokens_seen = 0, 0
     if ckpt.latest_step() is not None:
-        state, cache, meta, start = ckpt.restore(abstract_state=setup.abstract_state(state),
+        # restore straight into the shardings, with no parameter init to compile and run first
+        # (on a GPU compiling the init of a 200M BST takes minutes)
+        setup, abstract_state, _ = state_lib.plan(cfg, mesh)
+        state, cache, meta, start = ckpt.restore(abstract_state=abstract_state,
                                                  abstract_cache=setup.abstract_cache(), data_iter=loader,
                                                  job_config=config_lib.to_dict(cfg))
         tokens_seen = int(meta.get("tokens_seen", 0))
         log.info("resumed from %s step %d", ckpt.directory, start)
+    else:
+        setup, state, cache = state_lib.create(cfg, mesh)
     logger = MetricsLogger(t.run_dir, is_chief=chief, total_steps=total, log_every=t.log_every)
     logger.truncate_after(start)
     step_fn = make_train_step(setup)
