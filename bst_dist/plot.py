@@ -7,26 +7,11 @@ quantity into `<run>/plots/` (or `out_dir`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 from bst_dist.cli import UserError
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """Records with an integer "step", in step order; lines cut short by a kill are skipped."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-                rows.append(rec)
-    rows.sort(key=lambda r: r["step"])
-    return rows
+from bst_dist.train.metrics import read_jsonl
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

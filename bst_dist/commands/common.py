@@ -15,3 +15,20 @@ def load_job(args: argparse.Namespace):
     from bst_dist import config
 
     return config.load(args.job, args.overrides)
+
+
+def add_submitted_job_args(p: argparse.ArgumentParser) -> None:
+    """A submitted Ray job: its id and the job server."""
+    p.add_argument("job_id", help="the id `bst-dist submit` or `ray job submit` printed")
+    p.add_argument("--address", default=None, metavar="URL",
+                   help="job server URL (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS, else http://127.0.0.1:8265)")
+
+
+def job_server_call(job_id: str, fn, *args, **kwargs):
+    """Call a launch.submit function; Ray's errors become one-line user errors naming the job."""
+    from bst_dist.cli import UserError
+
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:
+        raise UserError(f"job {job_id}: {str(e).splitlines()[0]}") from None

@@ -5,20 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("job_id", help="the id `bst-dist submit` or `ray job submit` printed")
-    p.add_argument("--address", default=None, metavar="URL",
-                   help="job server URL (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS, else http://127.0.0.1:8265)")
+from bst_dist.commands.common import add_submitted_job_args as add_args, job_server_call  # noqa: F401
 
 
 def run(args: argparse.Namespace) -> int:
-    from bst_dist.cli import UserError
     from bst_dist.launch import submit
 
-    try:
-        status, message = submit.status(args.job_id, address=args.address)
-    except RuntimeError as e:
-        raise UserError(f"job {args.job_id}: {str(e).splitlines()[0]}") from None
+    status, message = job_server_call(args.job_id, submit.status, args.job_id, address=args.address)
     print(f"{args.job_id}: {status}" + (f" ({message})" if message else ""))
     return 0

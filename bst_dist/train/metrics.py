@@ -100,18 +100,25 @@ def _fields(m: dict) -> list[str]:
     return out
 
 
-def _truncate_jsonl(path: str, last_step: int) -> None:
-    if not os.path.exists(path):
-        return
-    kept = []
+def read_jsonl(path: str) -> list[dict]:
+    """Records with an integer "step", in step order; lines cut short by a kill are skipped."""
+    rows = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= last_step:
-                kept.append(json.dumps(rec) + "\n")
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+                rows.append(rec)
+    rows.sort(key=lambda r: r["step"])
+    return rows
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+    if not os.path.exists(path):
+        return
+    kept = [json.dumps(rec) + "\n" for rec in read_jsonl(path) if rec["step"] <= last_step]
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)
