@@ -19,7 +19,7 @@ SETS=(--set name=ray_gpu_bst_sh_s4 --set model.d_model=1024 --set model.num_laye
       --set data.corpus=stdlib --set train.steps=300 --set train.global_batch_size=4 --set train.log_every=10
       --set "train.run_dir=$RUN" --set checkpoint.every=50 --set checkpoint.keep_last=2
       --set ray.use_gpu=true --set ray.num_workers=1)
-CMD=(python3 -m bst_dist.cli train jobs/local_tiny.yaml "${SETS[@]}")
+CMD=(python3 -m bst_dist train jobs/local_tiny.yaml "${SETS[@]}")
 echo "command: ${CMD[*]}" | tee "$OUT/ray_commands.txt"
 t0=$(date +%s)
 setsid "${CMD[@]}" > "$OUT/ray_run1.log" 2>&1 &

@@ -7,7 +7,7 @@ on a one-device mesh, the paper configurations at L=4096, W=512, bf16 compute, s
 
 Per case: compile time, median step time over --steps timed steps after --warmup (each step
 ends with block_until_ready on the new state and metrics), tokens/s, model TFLOP/s from
-`bst_dist.flops.train_step_flops`, MFU against the bf16 matmul rate measured in the same run by
+`bst_dist.models.flops.train_step_flops`, MFU against the bf16 matmul rate measured in the same run by
 `.anchors/anchor_gpu.py jax`, peak device memory (`peak_bytes_in_use`, each case is its own
 process) and XLA's memory analysis of the step. Peers in the same run: `.anchors/anchor_jax_lm.py
 window` (plain JAX sliding-window decoder, cuDNN flash). `--check` first checks the cuDNN
@@ -151,7 +151,7 @@ def run_case(spec: dict) -> dict:
 
     from bst_dist import config as config_mod
     from bst_dist import sharding
-    from bst_dist.flops import train_step_flops
+    from bst_dist.models.flops import train_step_flops
     from bst_dist.models import attention as attn
     from bst_dist.train import state as state_mod
     from bst_dist.train import step as step_mod

@@ -16,8 +16,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from bst_dist.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A job spec that cannot run; the message is one line naming the key."""
 
 

@@ -16,7 +16,7 @@ HEADER = re.compile(r"^# params: .*$", re.M)
 
 def params_line(path: str) -> str:
     from bst_dist import config
-    from bst_dist.describe import count_params
+    from bst_dist.runs.describe import count_params
 
     c = count_params(config.load(path).model)
     return (f"# params: total {c['total']:,} ({c['total'] / 1e6:.1f}M; {c['total_unpadded'] / 1e6:.1f}M at the "

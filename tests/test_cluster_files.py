@@ -12,7 +12,8 @@ import shlex
 import pytest
 import yaml
 
-from bst_dist import cli, config
+from bst_dist import config
+from bst_dist.commands import main as cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(REPO, "cluster")

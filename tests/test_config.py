@@ -69,14 +69,14 @@ def test_overrides_create_nested_keys_and_keep_types():
 
 
 def test_cli_prints_one_line_and_exits_2():
-    r = subprocess.run([sys.executable, "-m", "bst_dist.cli", "describe", TINY, "--set", "model.num_layrs=2"],
+    r = subprocess.run([sys.executable, "-m", "bst_dist", "describe", TINY, "--set", "model.num_layrs=2"],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2
     assert r.stderr.strip() == "bst-dist describe: error: model.num_layrs: unknown key; did you mean 'num_layers'?"
 
 
 def test_describe_counts_parameters_without_building():
-    from bst_dist.describe import describe
+    from bst_dist.runs.describe import describe
 
     d = describe(config.load(TINY))
     kinds = [layer["kind"] for layer in d["layers"]]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest_data import data_cache, data_cfg, synth_text  # noqa: F401  (fixtures)
 
-from bst_dist import cli
+from bst_dist.commands import main as cli
 from data_pipelines import ensure_prepared, iter_documents, make_loader
 from data_pipelines.errors import DataError
 from data_pipelines.shards import prepare, summary

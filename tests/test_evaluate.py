@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from bst_dist import config, sharding
-from bst_dist.evaluate import StreamEvaluator, eval_at_length
+from bst_dist.eval.evaluators import StreamEvaluator, eval_at_length
 from bst_dist.train import state as state_lib
 from train_utils import TINY_JOB
 

@@ -127,7 +127,7 @@ def test_submission_entrypoint_runtime_env_and_resources(tmp_path):
     job = submit.job_path_in(os.path.join(REPO, "jobs", "pg19_200m_bst_sh_s4.yaml"), REPO)
     assert job == "jobs/pg19_200m_bst_sh_s4.yaml"
     ep = submit.entrypoint(job, ["train.steps=10", "train.run_dir=/x y"])
-    assert ep == ("python -m bst_dist.cli train jobs/pg19_200m_bst_sh_s4.yaml "
+    assert ep == ("python -m bst_dist train jobs/pg19_200m_bst_sh_s4.yaml "
                   "--set train.steps=10 --set 'train.run_dir=/x y'")
     res = config.load(TINY, ["ray.entrypoint_resources={CPU: 1, memory: 2000000000, ssd: 1}"])
     assert submit.entrypoint_resources(res) == {

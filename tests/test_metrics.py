@@ -90,8 +90,9 @@ def test_peak_flops_and_mfu(monkeypatch):
 
 
 def test_plot_writes_pngs(tmp_path):
-    from bst_dist.cli import UserError, main
-    from bst_dist.plot import plot_run
+    from bst_dist.commands.main import main
+    from bst_dist.errors import UserError
+    from bst_dist.runs.plot import plot_run
 
     run = tmp_path / "run"
     _run(str(run), range(1, 7))

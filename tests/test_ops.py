@@ -12,7 +12,7 @@ def test_plan_reports_per_device_memory_and_flops():
     out = plan(cfg)
     assert out["devices"] == 8 and out["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
     # arguments hold params + AdamW mu/nu (3 x float32) sharded over fsdp=2, plus the cache and batch
-    from bst_dist.describe import count_params
+    from bst_dist.runs.describe import count_params
 
     n = count_params(cfg.model)["total"]
     assert 3 * 4 * n / 2 / 2**30 * 0.9 < out["argument_gib"] < 3 * 4 * n / 2**30 * 1.1

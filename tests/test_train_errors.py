@@ -76,7 +76,7 @@ def test_bad_job_values_fail_before_compiling(tmp_path, overrides, message):
 def _cli(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", "bst_dist.cli", "train", "--no-ray", *args], env=env, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "bst_dist", "train", "--no-ray", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300, check=False)
 
 

@@ -33,7 +33,7 @@ def test_two_processes_then_one_equals_one(tmp_path):
     ref = train_subprocess(job, ref_dir, *CONSTANT_LR)
     port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    procs = [subprocess.Popen([sys.executable, "-m", "bst_dist.train", job, "--set", f"train.run_dir={run_dir}",
+    procs = [subprocess.Popen([sys.executable, "-m", "bst_dist", "train", "--no-ray", job, "--set", f"train.run_dir={run_dir}",
                                "--set", "train.steps=4", *CONSTANT_LR, "--coordinator", f"127.0.0.1:{port}",
                                "--num-processes", "2", "--process-id", str(i)],
                               env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -61,7 +61,7 @@ def test_interrupted_run_resumes_bitwise(reference, tmp_path, sig):
 
 
 def test_inspect_reports_the_finished_run(reference):
-    from bst_dist.inspect_run import format_inspection, inspect_run
+    from bst_dist.runs.inspect import format_inspection, inspect_run
 
     _, ref, _ = reference
     d = inspect_run(ref["run_dir"])

@@ -38,7 +38,7 @@ def write_job(path, **sections) -> str:
 def train_subprocess(job: str, run_dir: str, *extra: str, devices: int = 8) -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                PYTHONPATH=REPO)
-    cmd = [sys.executable, "-m", "bst_dist.train", job, "--set", f"train.run_dir={run_dir}", *extra]
+    cmd = [sys.executable, "-m", "bst_dist", "train", "--no-ray", job, "--set", f"train.run_dir={run_dir}", *extra]
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -26,7 +26,7 @@ def add_submitted_job_args(p: argparse.ArgumentParser) -> None:
 
 def job_server_call(job_id: str, fn, *args, **kwargs):
     """Call a launch.submit function; Ray's errors become one-line user errors naming the job."""
-    from bst_dist.cli import UserError
+    from bst_dist.errors import UserError
 
     try:
         return fn(*args, **kwargs)

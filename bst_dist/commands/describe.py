@@ -13,7 +13,7 @@ def add_args(p):
 
 
 def run(args) -> int:
-    from bst_dist.describe import describe, format_description
+    from bst_dist.runs.describe import describe, format_description
 
     d = describe(load_job(args))
     print(json.dumps(d, indent=2) if args.json else format_description(d))

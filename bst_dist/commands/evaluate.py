@@ -17,8 +17,8 @@ def add_args(p):
 
 
 def run(args) -> int:
-    from bst_dist.cli import UserError
-    from bst_dist.run_eval import evaluate_run
+    from bst_dist.errors import UserError
+    from bst_dist.eval.run import evaluate_run
 
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x.strip()]

@@ -11,7 +11,7 @@ def add_args(p):
 
 
 def run(args) -> int:
-    from bst_dist.inspect_run import format_inspection, inspect_run
+    from bst_dist.runs.inspect import format_inspection, inspect_run
 
     d = inspect_run(args.run_dir)
     print(json.dumps(d, indent=1) if args.json else format_inspection(d))

@@ -1,4 +1,4 @@
-"""`bst-dist plot RUN_DIR [--out DIR]`: PNG curves of a run's metrics (bst_dist.plot.plot_run)."""
+"""`bst-dist plot RUN_DIR [--out DIR]`: PNG curves of a run's metrics (bst_dist.runs.plot.plot_run)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bst_dist.plot import plot_run
+    from bst_dist.runs.plot import plot_run
 
     for path in plot_run(args.run_dir, args.out):
         print(path)

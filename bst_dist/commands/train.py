@@ -11,6 +11,7 @@ import logging
 import sys
 
 from bst_dist.commands.common import add_job_args, load_job
+from bst_dist.errors import UserError
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -23,6 +24,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                        help="run the training loop directly in this process (debugging)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="N CPU workers (each ray.cpu_devices_per_worker fake XLA devices), e.g. on a laptop")
+    multi = p.add_argument_group("one process of a multi-process JAX job (with --no-ray; run once per process)")
+    multi.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
+    multi.add_argument("--num-processes", type=int, default=1, metavar="N", help="processes in the job")
+    multi.add_argument("--process-id", type=int, default=0, metavar="I", help="this process's index")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +38,12 @@ def run(args: argparse.Namespace) -> int:
     for name in ("bst_dist", "data_pipelines"):
         logging.getLogger(name).setLevel(logging.INFO)
     cfg = load_job(args)
+    if args.coordinator:
+        if not args.no_ray:
+            raise UserError("--coordinator joins a multi-process JAX job directly: use it with --no-ray")
+        import jax
+
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     try:
         summary = launch.train(cfg, address=args.address, workers=args.workers, no_ray=args.no_ray)
     except TrainingFailed as e:

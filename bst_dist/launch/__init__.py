@@ -8,7 +8,7 @@ is what `bst-dist train` calls, and what the tests call. docs/launch.md explains
     the job already carries its runtime_env; from outside, the YAML's runtime_env is applied);
   * already connected (ray.init was called by the caller) -> use that connection;
   * no_ray                   -> call the training function in this process (debugging).
-`train_fn(cfg, *, report, [stop]) -> dict` defaults to bst_dist.train.loop.train.
+`train_fn(cfg, *, report, [stop]) -> dict` defaults to bst_dist.runs.job.train_job.
 """
 
 from __future__ import annotations

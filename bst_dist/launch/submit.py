@@ -4,7 +4,7 @@ What the cluster gets (docs/launch.md, "Submission"): the working dir (default "
 root) uploaded as the job's `working_dir`, which Ray unpacks on every node and puts first on
 PYTHONPATH for the entrypoint and every worker, so the cluster runs exactly this checkout's
 bst_dist; plus the YAML's `ray.runtime_env` (env_vars, pip, excludes, ...). The entrypoint is
-`python -m bst_dist.cli train JOB.yaml --set ...`: it needs Python with the dependencies (the
+`python -m bst_dist train JOB.yaml --set ...`: it needs Python with the dependencies (the
 cluster image), not an installed `bst-dist` script. The job's resources for the entrypoint come
 from `ray.entrypoint_resources` (CPU, GPU, memory, or custom resources).
 """
@@ -38,7 +38,7 @@ def job_runtime_env(cfg: JobConfig, working_dir: Optional[str] = None) -> dict:
 
 
 def entrypoint(job_in_working_dir: str, overrides: list[str]) -> str:
-    args = ["python", "-m", "bst_dist.cli", "train", job_in_working_dir]
+    args = ["python", "-m", "bst_dist", "train", job_in_working_dir]
     for o in overrides:
         args += ["--set", o]
     return shlex.join(args)

@@ -166,9 +166,9 @@ def accepts(fn: Callable, name: str) -> bool:
 
 
 def default_train_fn() -> Callable[..., dict]:
-    from bst_dist.train.loop import train
+    from bst_dist.runs.job import train_job
 
-    return train
+    return train_job
 
 
 def _setup_logging(rank: int) -> None:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bst_dist.config import ModelConfig
+from bst_dist.errors import UserError
 from bst_dist.models.block import BlockLayer
 from bst_dist.models.brect import BRecTLayer
 from bst_dist.models.bst import BSTLayer
@@ -30,7 +31,7 @@ from bst_dist.models.modules import Dropout, RMSNorm, maybe_dropout
 LAYER_TYPES = {"block": BlockLayer, "bst": BSTLayer, "brect": BRecTLayer}
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Bad tokens, lengths or caches passed to the model (a one-line message)."""
 
 

@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 import bst_dist
+from bst_dist.errors import UserError
 from bst_dist.train.preemption import any_process
 from data_pipelines.checkpoint import LaneRestore, LaneSave
 
@@ -50,11 +51,11 @@ _FREE_MODEL_KEYS = frozenset({"dtype", "dropout", "attn_dropout", "mask", "atten
 _ITEMS = ("state", "cache", "data", "meta")
 
 
-class IncompatibleCheckpoint(ValueError):
+class IncompatibleCheckpoint(UserError, ValueError):
     """A checkpoint whose model shape, L, W or global batch differ from the job's."""
 
 
-class NoReadableCheckpoint(RuntimeError):
+class NoReadableCheckpoint(UserError, RuntimeError):
     """Every candidate checkpoint failed to restore."""
 
 
@@ -284,10 +285,12 @@ class Checkpointer:
         return result
 
     def restore_state(self, *, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
-        """(state, meta, step) alone, for evaluation and inspection (no data position, no cache)."""
+        """(state, meta, step) alone, for evaluation and inspection (no data position, no cache).
+        `abstract_state` may be a part of the saved state ({"params": ...}): only that is read."""
 
         def attempt(s: int):
-            out = self._mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+            restore = ocp.args.StandardRestore(abstract_state, strict=False)
+            out = self._mngr.restore(s, args=ocp.args.Composite(state=restore,
                                                                 meta=ocp.args.JsonRestore()))
             return out["state"], dict(out["meta"]), s
 

@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from bst_dist.errors import user_errors
+
 # name -> (module under bst_dist.commands, one-line help)
 COMMANDS = {
     "describe": ("describe", "show a job's layer stack and parameter counts"),
@@ -23,37 +25,11 @@ COMMANDS = {
 }
 
 
-class UserError(Exception):
-    """An expected failure with a one-line message for the user."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from bst_dist.config import ConfigError
-
-    errors: list[type[BaseException]] = [UserError, ConfigError, FileNotFoundError]
-    try:
-        from data_pipelines.errors import DataError
-
-        errors.append(DataError)
-    except ImportError:
-        pass
-    from bst_dist.models.lm import InputError
-    from bst_dist.train.checkpoint import IncompatibleCheckpoint, NoReadableCheckpoint
-
-    errors += [InputError, IncompatibleCheckpoint, NoReadableCheckpoint]
-    return tuple(errors)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bst-dist", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
-        try:
-            mod = importlib.import_module(f"bst_dist.commands.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"bst_dist.commands.{module}":
-                raise
-            continue  # command not built in this checkout
+        mod = importlib.import_module(f"bst_dist.commands.{module}")
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_module=module)
         mod.add_args(p)
@@ -73,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"bst_dist.commands.{args._module}")
     try:
         return int(module.run(args) or 0)
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"bst-dist {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -64,7 +64,7 @@ def _lanes(data_dir: str) -> dict | None:
 
 
 def inspect_run(run_dir: str) -> dict:
-    from bst_dist.cli import UserError
+    from bst_dist.errors import UserError
 
     job_path = os.path.join(run_dir, "job.yaml")
     if not os.path.isfile(job_path):

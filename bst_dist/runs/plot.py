@@ -7,11 +7,14 @@ quantity into `<run>/plots/` (or `out_dir`).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
-from bst_dist.cli import UserError
+from bst_dist.errors import UserError
 from bst_dist.train.metrics import read_jsonl
+
+log = logging.getLogger("bst_dist.train")
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -118,3 +121,19 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
                                    "perplexity" if logy else "value",
                                    [(k, *_series(evals, k), point) for k in keys], logy=logy))
     return [p for p in written if p]
+
+
+class PlotHook:
+    """At the end of a complete run the chief writes its curves (a convenience: never fails it)."""
+
+    def on_start(self, run) -> None: ...
+
+    def after_step(self, run) -> None: ...
+
+    def on_end(self, run, ok: bool) -> None:
+        if not (ok and run.chief):
+            return
+        try:
+            plot_run(run.cfg.train.run_dir)
+        except Exception as e:  # noqa: BLE001 - plots are a convenience, never fail the run
+            log.warning("plot skipped: %s", e)
