@@ -19,6 +19,7 @@ import sys
 import time
 
 import pytest
+import yaml
 from filelock import FileLock
 
 ray = pytest.importorskip("ray")
@@ -215,4 +216,6 @@ def test_ray_job_submit_then_bst_dist_submit_resumes(head, tmp_path):
     assert "resumed from" in second.stdout
     assert _checkpoint_steps(run_dir)[-1] == 4
     with open(os.path.join(run_dir, "job.yaml")) as f:
-        assert "train" in f.read()
+        recorded = yaml.safe_load(f)
+    # the resumed run's own resolved spec, with the path the workers wrote to
+    assert recorded["train"]["steps"] == 4 and recorded["train"]["run_dir"] == str(run_dir)

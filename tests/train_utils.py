@@ -114,8 +114,15 @@ class CompileCounter:
 
     def __enter__(self):
         import jax
+        import numpy as np
 
         jax.monitoring.register_event_duration_secs_listener(self._listener)
+        # The instrument proves itself each time: a fresh function must register a compilation,
+        # else every "nothing was compiled" assertion would pass vacuously.
+        salt = float(np.random.default_rng().integers(1 << 30))
+        jax.jit(lambda x: x * salt + 1)(np.arange(3.0))
+        assert self.count >= 1, "CompileCounter saw no compilation of a fresh function: the listener is dead"
+        self.count = 0
         return self
 
     def __exit__(self, *exc):
