@@ -8,7 +8,7 @@ import os
 import yaml
 
 from bst_dist import config as config_lib
-from bst_dist import sharding
+from bst_dist import parallel
 
 
 def load_run_config(run_dir: str, overrides: list[str] | None = None) -> config_lib.JobConfig:
@@ -29,7 +29,7 @@ def evaluate_run(run_dir: str, *, split: str = "validation", lengths: list[int] 
     from bst_dist.train.loop import checkpoint_dir
 
     cfg = load_run_config(run_dir, overrides)
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = parallel.make_mesh(cfg.mesh)
     setup, state, _ = state_lib.create(cfg, mesh)
     ckpt = Checkpointer(checkpoint_dir(cfg), every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last)
     try:

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from bst_dist import config as config_lib
-from bst_dist import sharding
+from bst_dist import parallel
 from bst_dist.config import ConfigError, JobConfig
 from bst_dist.flops import train_step_flops
 from bst_dist.train import state as state_lib
@@ -45,7 +45,7 @@ def checkpoint_dir(cfg: JobConfig) -> str:
 def check_batch(cfg: JobConfig, mesh) -> None:
     """Refuse, before any compilation, a batch the mesh or the processes cannot split."""
     B, A = cfg.train.global_batch_size, cfg.train.grad_accum
-    n = sharding.batch_axis_size(mesh, sharding.rules_from_config(cfg.mesh))
+    n = parallel.batch_axis_size(mesh, parallel.rules_from_config(cfg.mesh))
     P = jax.process_count()
     if B % P:
         raise ConfigError(f"train.global_batch_size: {B} is not divisible by the {P} processes (each owns B/P lanes)")
@@ -101,7 +101,7 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None,
 
     t_start = time.time()
     chief = jax.process_index() == 0
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = parallel.make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
     m, t = cfg.model, cfg.train
     B, total = t.global_batch_size, t.steps

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from bst_dist import sharding
+from bst_dist import parallel
 from bst_dist.config import JobConfig
 from bst_dist.models import build, cache_shape
 from bst_dist.train.optim import make_optimizer
@@ -47,14 +47,14 @@ class Setup:
 def plan(cfg: JobConfig, mesh: Mesh) -> tuple[Setup, dict, Any]:
     """(setup, abstract state with shardings, model factory): everything but the allocation.
     Used to create the state, to restore into it, and by ops/plan_memory to compile ahead of time."""
-    rules = sharding.rules_from_config(cfg.mesh)
+    rules = parallel.rules_from_config(cfg.mesh)
     tx = make_optimizer(cfg.train.optimizer, cfg.train.steps)
 
     def factory():
         return build(cfg.model, nnx.Rngs(cfg.train.seed), remat=cfg.train.remat)
 
     graphdef, abs_params = nnx.split(nnx.eval_shape(factory))
-    param_sh = sharding.state_shardings(abs_params, mesh, rules)
+    param_sh = parallel.state_shardings(abs_params, mesh, rules)
     abs_opt = jax.eval_shape(tx.init, abs_params)
     # optimizer leaves shaped like a parameter take its sharding (AdamW mu/nu); the rest
     # (Adafactor's factored rows/columns, counts) are small and replicated.
@@ -66,7 +66,7 @@ def plan(cfg: JobConfig, mesh: Mesh) -> tuple[Setup, dict, Any]:
                           abs_opt)
     state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
     shapes = cache_shape(cfg.model, cfg.train.global_batch_size)
-    cache_sh = sharding.cache_shardings(shapes, mesh, rules)
+    cache_sh = parallel.cache_shardings(shapes, mesh, rules)
     setup = Setup(cfg, mesh, rules, graphdef, tx, state_sh, cache_sh)
     abs_state = setup.abstract_state({"params": abs_params, "opt_state": abs_opt,
                                       "step": jax.ShapeDtypeStruct((), jnp.int32)})
