@@ -150,7 +150,7 @@ def run_case(spec: dict) -> dict:
     import numpy as np
 
     from bst_dist import config as config_mod
-    from bst_dist import sharding
+    from bst_dist import parallel
     from bst_dist.models.flops import train_step_flops
     from bst_dist.models import attention as attn
     from bst_dist.train import state as state_mod
@@ -177,7 +177,7 @@ def run_case(spec: dict) -> dict:
     res = {"case": spec["case"], "impl": spec["impl"], "loss": spec.get("loss", "plain"),
            "remat": cfg.train.remat, "batch": B, "seq_len": cfg.model.seq_len, "block_len": cfg.model.block_len}
     t_setup = time.perf_counter()
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = parallel.make_mesh(cfg.mesh)
     setup, state, cache = _create_state(cfg, mesh, state_mod)
     res["params"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"])))
     res["params_nonembed"] = res["params"] - cfg.model.padded_vocab * cfg.model.d_model

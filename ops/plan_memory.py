@@ -37,10 +37,10 @@ def abstract_inputs(cfg, mesh):
 
 
 def plan(cfg, devices=None) -> dict:
-    from bst_dist import sharding
+    from bst_dist import parallel
     from bst_dist.train.step import make_train_step
 
-    mesh = sharding.make_mesh(cfg.mesh, devices)
+    mesh = parallel.make_mesh(cfg.mesh, devices)
     setup, state, cache, batch = abstract_inputs(cfg, mesh)
     compiled = make_train_step(setup).lower(state, cache, batch).compile()
     mem = compiled.memory_analysis()

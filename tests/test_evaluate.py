@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bst_dist import config, sharding
+from bst_dist import config, parallel
 from bst_dist.eval.evaluators import StreamEvaluator, eval_at_length
 from bst_dist.train import state as state_lib
 from train_utils import TINY_JOB
@@ -18,7 +18,7 @@ from train_utils import TINY_JOB
 @pytest.fixture(scope="module")
 def setup_and_params():
     cfg = config.from_dict(TINY_JOB)
-    setup, state, _ = state_lib.create(cfg, sharding.make_mesh(cfg.mesh))
+    setup, state, _ = state_lib.create(cfg, parallel.make_mesh(cfg.mesh))
     return setup, state["params"]
 
 

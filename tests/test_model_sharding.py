@@ -8,19 +8,19 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from bst_dist import config, sharding
+from bst_dist import config, parallel
 from bst_dist.models import InputError, build
 from model_utils import compiled_forward, tiny_cfg, tokens
 
 
 def sharded_forward(cfg, mesh_shape, B):
     mesh_cfg = config.MeshConfig(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2])
-    mesh = sharding.make_mesh(mesh_cfg)
-    rules = sharding.rules_from_config(mesh_cfg)
-    model = sharding.create_sharded(lambda: build(cfg, nnx.Rngs(0)), mesh, rules)
+    mesh = parallel.make_mesh(mesh_cfg)
+    rules = parallel.rules_from_config(mesh_cfg)
+    model = parallel.create_sharded(lambda: build(cfg, nnx.Rngs(0)), mesh, rules)
     graphdef, state = nnx.split(model)
-    cache_sh = sharding.cache_shardings(model.cache_shape(B), mesh, rules)
-    tok_sh = sharding.batch_sharding(mesh, 2, rules)
+    cache_sh = parallel.cache_shardings(model.cache_shape(B), mesh, rules)
+    tok_sh = parallel.batch_sharding(mesh, 2, rules)
 
     @jax.jit
     def fwd(state, x, cache, start):
@@ -30,7 +30,7 @@ def sharded_forward(cfg, mesh_shape, B):
     def run(x, start):
         cache = jax.device_put(model.init_cache(B), cache_sh)
         x = jax.device_put(x, tok_sh)
-        start = jax.device_put(start, sharding.batch_sharding(mesh, 1, rules))
+        start = jax.device_put(start, parallel.batch_sharding(mesh, 1, rules))
         first, cache = fwd(state, x[:, :cfg.seq_len], cache, start)
         second, _ = fwd(state, x[:, cfg.seq_len:], cache, ~start)
         return np.asarray(first), np.asarray(second), state

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bst_dist import config, sharding
+from bst_dist import config, parallel
 from bst_dist.train import state as state_lib
 from bst_dist.train.step import _lanes_to_micro, _micro_to_lanes, batch_shardings, make_train_step
 
@@ -37,7 +37,7 @@ def batches(n, B=8, L=32, seed=0):
 
 
 def run_steps(cfg, data):
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = parallel.make_mesh(cfg.mesh)
     setup, state, cache = state_lib.create(cfg, mesh)
     step = make_train_step(setup)
     sh = batch_shardings(setup)
@@ -91,7 +91,7 @@ def test_dropout_is_independent_of_the_mesh(ref):
 
 def test_non_finite_loss_skips_the_update_but_advances_cache_and_step():
     cfg = cfg_with()
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = parallel.make_mesh(cfg.mesh)
     setup, state, cache = state_lib.create(cfg, mesh)
     step = make_train_step(setup)
     sh = batch_shardings(setup)

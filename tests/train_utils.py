@@ -200,16 +200,16 @@ def token_nats(cfg, graphdef, params, docs, *, carry: bool):
     import numpy as np
     from flax import nnx
 
-    from bst_dist import sharding
+    from bst_dist import parallel
     from bst_dist.models import cache_shape
 
     L, B = cfg.model.seq_len, cfg.train.global_batch_size
     n, T = docs.shape
     assert (T - 1) % L == 0, (T, L)
-    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
+    mesh, rules = parallel.make_mesh(cfg.mesh), parallel.rules_from_config(cfg.mesh)
     shapes = cache_shape(cfg.model, B)
-    cache_sh = sharding.cache_shardings(shapes, mesh, rules)
-    rows2, rows1 = sharding.batch_sharding(mesh, 2, rules), sharding.batch_sharding(mesh, 1, rules)
+    cache_sh = parallel.cache_shardings(shapes, mesh, rules)
+    rows2, rows1 = parallel.batch_sharding(mesh, 2, rules), parallel.batch_sharding(mesh, 1, rules)
 
     @jax.jit
     def step(params, cache, inputs, targets, doc_start):

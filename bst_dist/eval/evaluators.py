@@ -44,7 +44,7 @@ class StreamEvaluator:
         cfg = setup.cfg
         self.B = batch_size or cfg.train.global_batch_size
         graphdef = setup.graphdef
-        from bst_dist.sharding import batch_sharding
+        from bst_dist.parallel import batch_sharding
 
         self.row2 = batch_sharding(setup.mesh, 2, setup.rules)
         self.row1 = batch_sharding(setup.mesh, 1, setup.rules)
@@ -68,7 +68,7 @@ class StreamEvaluator:
         from bst_dist.models import cache_shape
 
         shapes = cache_shape(cfg.model, self.B)
-        from bst_dist.sharding import cache_shardings
+        from bst_dist.parallel import cache_shardings
 
         cache = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
                         out_shardings=cache_shardings(shapes, self.setup.mesh, self.setup.rules))()
@@ -99,7 +99,7 @@ class StreamEvaluator:
 
 
 def _rows(setup: Setup, ndim: int):
-    from bst_dist.sharding import batch_sharding
+    from bst_dist.parallel import batch_sharding
 
     return batch_sharding(setup.mesh, ndim, setup.rules)
 

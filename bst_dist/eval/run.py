@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from bst_dist import sharding
+from bst_dist import parallel
 from bst_dist.runs.files import load_run_config
 
 
@@ -18,7 +18,7 @@ def evaluate_run(run_dir: str, *, split: str = "validation", lengths: list[int] 
 
     run_dir = os.path.abspath(run_dir)
     cfg = load_run_config(run_dir, overrides)
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = parallel.make_mesh(cfg.mesh)
     with open_checkpointer(cfg) as ckpt:
         start = initial_state(cfg, mesh, ckpt, optimizer=False, step=step)
     setup, params = start.setup, start.state["params"]

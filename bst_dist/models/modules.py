@@ -2,7 +2,7 @@
 projection with L2-normalised keys and queries, the T5 relative-position table, the
 concatenate-then-project output with the FFN, and per-lane dropout.
 
-Every parameter carries logical axis names in its `axes` metadata; bst_dist.sharding maps them
+Every parameter carries logical axis names in its `axes` metadata; bst_dist.parallel maps them
 onto the mesh. Parameters are float32 (master weights); `dtype` is the compute dtype.
 """
 

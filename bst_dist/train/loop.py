@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 from bst_dist import config as config_lib
-from bst_dist import sharding
+from bst_dist import parallel
 from bst_dist.config import ConfigError, JobConfig
 from bst_dist.train.checkpoint import Checkpointer, NoReadableCheckpoint, check_compatible
 from bst_dist.train.hooks import Hook, Run, TrainingError, standard_hooks  # noqa: F401 (TrainingError: API)
@@ -46,7 +46,7 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
     hooks: more hooks after the standard ones (evaluation and plots: see runs/job.py)."""
     from data_pipelines import make_loader
 
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = parallel.make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
     t = cfg.train
     with open_checkpointer(cfg) as ckpt:
@@ -95,7 +95,7 @@ def record_step(run: Run, out: dict, *, data_time: float, step_time: float) -> N
 def check_batch(cfg: JobConfig, mesh) -> None:
     """Refuse, before any compilation, a batch the mesh or the processes cannot split."""
     B, A = cfg.train.global_batch_size, cfg.train.grad_accum
-    n = sharding.batch_axis_size(mesh, sharding.rules_from_config(cfg.mesh))
+    n = parallel.batch_axis_size(mesh, parallel.rules_from_config(cfg.mesh))
     P = jax.process_count()
     if B % P:
         raise ConfigError(f"train.global_batch_size: {B} is not divisible by the {P} processes (each owns B/P lanes)")

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from bst_dist import sharding
+from bst_dist import parallel
 from bst_dist.config import JobConfig
 from bst_dist.errors import UserError
 from bst_dist.models import build, cache_shape
@@ -56,16 +56,16 @@ def plan(cfg: JobConfig, mesh: Mesh, *, optimizer: bool = True) -> tuple[Setup, 
     """(setup, abstract state with shardings, model factory): everything but the allocation.
     Used to create the state, to restore into it, and by ops/plan_memory to compile ahead of time.
     optimizer=False: the state is {"params"} alone."""
-    rules = sharding.rules_from_config(cfg.mesh)
+    rules = parallel.rules_from_config(cfg.mesh)
     tx = make_optimizer(cfg.train.optimizer, cfg.train.steps) if optimizer else None
 
     def factory():
         return build(cfg.model, nnx.Rngs(cfg.train.seed), remat=cfg.train.remat)
 
     graphdef, abs_params = nnx.split(nnx.eval_shape(factory))
-    param_sh = sharding.state_shardings(abs_params, mesh, rules)
+    param_sh = parallel.state_shardings(abs_params, mesh, rules)
     shapes = cache_shape(cfg.model, cfg.train.global_batch_size)
-    cache_sh = sharding.cache_shardings(shapes, mesh, rules)
+    cache_sh = parallel.cache_shardings(shapes, mesh, rules)
     if tx is None:
         setup = Setup(cfg, mesh, rules, graphdef, None, {"params": param_sh}, cache_sh)
         return setup, setup.abstract_state({"params": abs_params}), factory

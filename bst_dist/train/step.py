@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from bst_dist.models.modules import Dropout
-from bst_dist.sharding import batch_sharding
+from bst_dist.parallel import batch_sharding
 from bst_dist.train.chunked_loss import chunked_cross_entropy
 from bst_dist.train.state import Setup
 
