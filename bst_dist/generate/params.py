@@ -133,6 +133,14 @@ def read_source(path: str) -> tuple[config_lib.ModelConfig, dict, dict]:
     saved = meta.get("config") or {}
     if "model" not in saved:
         raise ParamsError(f"{step_dir}: the checkpoint's meta holds no model config")
+    job_yaml = os.path.join(run_dir, "job.yaml")
+    if os.path.isfile(job_yaml):  # a checkpoint copied into another model's run is refused
+        from bst_dist.train.checkpoint import check_compatible
+
+        with open(job_yaml) as f:
+            job = config_lib.to_dict(config_lib.from_dict(yaml.safe_load(f) or {}))
+        job["train"] = {}  # the batch size does not matter for sampling
+        check_compatible(meta, job, source=step_dir)
     model_cfg = config_lib.from_dict({"model": saved["model"]}).model
     _, abstract = abstract_params(model_cfg)
     item = {"params": _on_device(abstract)}  # the nnx.State as training saved it
