@@ -87,3 +87,53 @@ def test_bad_sources(tmp_path):
         params_lib.load_model(str(tmp_path))
     with pytest.raises(ParamsError, match="dtype"):
         params_lib.export(str(tmp_path), str(tmp_path / "o"), dtype="int8")
+
+
+def _cli(capsys, *argv):
+    from bst_dist.cli import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_generate_and_export_commands(tiny_reference, tmp_path, capsys):
+    run_dir, _ = tiny_reference
+    rc, out, err = _cli(capsys, "generate", run_dir, "--prompt", "def main():", "--max-tokens", "6", "--top-k", "1")
+    assert rc == 0, err
+    model, _ = params_lib.load_model(run_dir)
+    from data_pipelines.tokenizer import EOT, get_tokenizer
+
+    enc = get_tokenizer()
+    ids = generate(model, [EOT, *enc.encode_ordinary("def main():")], max_tokens=6, top_k=1)[0].tolist()
+    want = enc.decode(ids[:ids.index(EOT)] if EOT in ids else ids)
+    assert out == want + "\n"
+    rc, out, err = _cli(capsys, "export", run_dir, "--out", str(tmp_path / "e"), "--dtype", "bfloat16")
+    assert rc == 0, err
+    rc, out, err = _cli(capsys, "generate", str(tmp_path / "e"), "--prompt", "x", "--max-tokens", "2", "--batch", "2")
+    assert rc == 0 and "--- sample 1 ---" in out, err
+
+
+def test_generate_refuses_a_checkpoint_of_another_model(tiny_reference, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    run_dir, _ = tiny_reference
+    other = tmp_path / "other"
+    shutil.copytree(os.path.join(run_dir, "checkpoints", "6"), other / "checkpoints" / "6")
+    with open(os.path.join(run_dir, "job.yaml")) as f:
+        job = yaml.safe_load(f)
+    job["model"]["d_model"] = 64
+    (other / "job.yaml").write_text(yaml.safe_dump(job))
+    rc, out, err = _cli(capsys, "generate", str(other), "--prompt", "x")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "model.d_model" in err, err
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--prompt", ""], "prompt is empty"), (["--prompt", "x", "--temperature", "0"], "temperature"),
+    (["--prompt", "x", "--top-p", "1.5"], "top_p"), (["--prompt", "x", "--top-k", "0"], "top_k"),
+])
+def test_generate_bad_input_is_one_line(tmp_path, capsys, extra, match):
+    rc, out, err = _cli(capsys, "generate", str(tmp_path), *extra)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and match in err, err

@@ -21,11 +21,9 @@ def add_args(p):
 
 
 def _user_error():
-    try:
-        from bst_dist.errors import UserError
-    except ImportError:
-        from bst_dist.cli import UserError
-    return UserError
+    from bst_dist import cli  # the class the CLI turns into one line and exit status 2
+
+    return cli.UserError
 
 
 def run(args) -> int:

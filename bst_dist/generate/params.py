@@ -139,7 +139,7 @@ def read_source(path: str) -> tuple[config_lib.ModelConfig, dict, dict]:
 
         with open(job_yaml) as f:
             job = config_lib.to_dict(config_lib.from_dict(yaml.safe_load(f) or {}))
-        job["train"] = {}  # the batch size does not matter for sampling
+        job["train"] = dict(saved.get("train") or {})  # the batch size does not matter for sampling
         check_compatible(meta, job, source=step_dir)
     model_cfg = config_lib.from_dict({"model": saved["model"]}).model
     _, abstract = abstract_params(model_cfg)
