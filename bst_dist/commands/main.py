@@ -22,6 +22,8 @@ COMMANDS = {
     "submit": ("submit", "submit a job to a Ray cluster and stream its logs"),
     "status": ("job_status", "status of a submitted Ray job"),
     "stop": ("job_stop", "stop a submitted Ray job"),
+    "generate": ("generate", "sample text from a run or an export, streaming to stdout"),
+    "export": ("export", "write a run's parameters alone (no optimizer) with the model config"),
 }
 
 
