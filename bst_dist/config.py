@@ -38,6 +38,11 @@ class BSTConfig:
     filter_hidden: int = 64  # unstruct: implicit-filter MLP width
     filter_sin_freq: float = 14.0  # unstruct: Hyena's Sin activation frequency
     carry: bool = True  # the cross-sequence SSM carry (MODEL_SPEC 7A/7B)
+    # how the S4D convolution is computed (same function either way, float32):
+    #   "chunked": chunk by chunk, a Toeplitz matmul inside a chunk and the diagonal state passed
+    #   across chunks (linear in L); "fft": one 2L-point FFT convolution with the L-long kernel
+    ssm_impl: Literal["chunked", "fft"] = "chunked"
+    ssm_chunk: int = 64  # chunked: tokens per chunk (at most model.block_len W, which it must divide)
 
 
 @dataclass(frozen=True)
@@ -333,6 +338,9 @@ def validate(cfg: JobConfig) -> JobConfig:
     if m.bst.state_size % 2:
         raise ConfigError(f"model.bst.state_size: must be even (N/2 complex modes), got {m.bst.state_size}")
     _check_positive("model.bst.num_context_states", m.bst.num_context_states)
+    _check_positive("model.bst.ssm_chunk", m.bst.ssm_chunk)
+    if m.block_len % min(m.bst.ssm_chunk, m.block_len):
+        raise ConfigError(f"model.bst.ssm_chunk: {m.bst.ssm_chunk} must divide model.block_len W={m.block_len}")
     _check_positive("model.brect.num_states", m.brect.num_states)
     if m.num_heads * m.head_dim != m.d_model:
         raise ConfigError(

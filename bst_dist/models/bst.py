@@ -12,6 +12,7 @@ Context states per variant, from the SSM output y (B, T, d, C):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -31,10 +32,16 @@ def num_channels(cfg: ModelConfig) -> int:
 
 
 class S4D(nnx.Module):
-    """Diagonal SSMs, N/2 complex modes per feature, C output channels sharing A and dt."""
+    """Diagonal SSMs, N/2 complex modes per feature, C output channels sharing A and dt.
 
-    def __init__(self, d: int, C: int, N: int, init: str, rngs: nnx.Rngs):
+    impl "chunked" computes the convolution chunk by chunk (`ssm.s4d_chunked`, chunk tokens),
+    "fft" with one 2T-point FFT; both compute the same function.
+    """
+
+    def __init__(self, d: int, C: int, N: int, init: str, rngs: nnx.Rngs, impl: str = "chunked",
+                 chunk: int = 64):
         n2 = N // 2
+        self.impl, self.chunk = impl, chunk
         log_A_re, A_im = ssm.s4d_init_A(d, n2, init)
         u = jax.random.uniform(rngs.params(), (d,), jnp.float32)
         self.log_dt = nnx.Param(math.log(1e-3) + u * (math.log(1e-1) - math.log(1e-3)), axes=(None,))
@@ -44,10 +51,22 @@ class S4D(nnx.Module):
         self.C_im = param(rngs, normal(math.sqrt(0.5)), (C, d, n2), (None, None, None))
         self.D = param(rngs, normal(1.0), (C, d), (None, None))
 
+    def _params(self):
+        return (self.log_dt[...], self.log_A_re[...], self.A_im[...], self.C_re[...], self.C_im[...], self.D[...])
+
     def __call__(self, u: jax.Array, h: jax.Array | None):
         """u (B, T, d); h (B, d, N/2) complex or None -> y (B, T, d, C) float32, new h or None."""
-        return _s4d_apply(u, h, self.log_dt[...], self.log_A_re[...], self.A_im[...],
-                          self.C_re[...], self.C_im[...], self.D[...])
+        if self.impl == "chunked":
+            return _s4d_apply_chunked(u, h, *self._params(), self.chunk)
+        return _s4d_apply(u, h, *self._params())
+
+    def window_ends(self, u: jax.Array, h: jax.Array | None, W: int):
+        """y at the last position of each W-window only, (B, T/W, d, C) float32, and the new h.
+
+        Reads the state after each window (`ssm.s4d_window_end_states`): no output at the other
+        T - T/W positions is computed. Equals `self(u, h)[0][:, W-1::W]`.
+        """
+        return _s4d_window_ends(u, h, *self._params(), W=W)
 
 
 @jax.checkpoint  # recompute the (d, N/2, T) Vandermonde in the backward pass instead of storing it
@@ -61,6 +80,22 @@ def _s4d_apply(u, h, log_dt, log_A_re, A_im, C_re, C_im, D):
         return y, None
     zir, h_new = ssm.s4d_carry(u, h, dtA, Bbar, Ct, V)
     return y + zir, h_new
+
+
+@functools.partial(jax.checkpoint, static_argnums=(8,))  # recompute the per-chunk terms in backward
+def _s4d_apply_chunked(u, h, log_dt, log_A_re, A_im, C_re, C_im, D, chunk):
+    dtA, Bbar = ssm.s4d_discretize(log_dt, log_A_re, A_im)
+    Ct = (C_re + 1j * C_im).astype(jnp.complex64)
+    return ssm.s4d_chunked(u, h, dtA, Bbar, Ct, D, chunk)
+
+
+def _s4d_window_ends(u, h, log_dt, log_A_re, A_im, C_re, C_im, D, W):
+    dtA, Bbar = ssm.s4d_discretize(log_dt, log_A_re, A_im)
+    Ct = (C_re + 1j * C_im).astype(jnp.complex64)
+    states = ssm.s4d_window_end_states(u, h, dtA, Bbar, W)  # (B, T/W, d, N2)
+    u_end = u[:, W - 1::W].astype(jnp.float32)  # (B, T/W, d)
+    y = ssm.s4d_readout(states, Ct) + u_end[..., None] * jnp.swapaxes(D, 0, 1).astype(jnp.float32)
+    return y, (None if h is None else states[:, -1])
 
 
 class ImplicitFilter(nnx.Module):
@@ -99,7 +134,8 @@ class BSTLayer(nnx.Module):
         C = num_channels(cfg)
         self.attn = SelfAttention(cfg, with_q2=True, rngs=rngs)
         if b.kernel == "s4d":
-            self.ssm = S4D(d, C, b.state_size, b.s4d_init, rngs)
+            self.ssm = S4D(d, C, b.state_size, b.s4d_init, rngs, impl=b.ssm_impl,
+                           chunk=min(b.ssm_chunk, cfg.block_len))
         else:
             self.ssm = ImplicitFilter(d, C, b.filter_emb_dim, b.filter_hidden, b.filter_sin_freq, rngs)
         if b.variant in ("SH", "MF"):  # "lift to heads": Dense 1 -> H on a trailing unit axis
@@ -165,7 +201,11 @@ class BSTLayer(nnx.Module):
                 raise ValueError(f"the unstruct cache holds sequences of {cache['u'].shape[1]} tokens but the "
                                  f"input has T={T}; build it with init_cache(batch, seq_len={T})")
             carry = jnp.where(keep, jax.lax.stop_gradient(cache["u"]), 0).astype(dt)
-        y, carry_new = self.ssm(x, carry)  # (B, T, d, C) float32
+        mf_ends = b.variant == "MF" and b.kernel == "s4d" and b.ssm_impl == "chunked"
+        if mf_ends:  # MF reads only the window-end positions: compute the SSM there alone
+            y, carry_new = self.ssm.window_ends(x, carry, W)  # (B, nb, d, S) float32
+        else:
+            y, carry_new = self.ssm(x, carry)  # (B, T, d, C) float32
         if b.carry and b.kernel == "s4d":
             new_cache["h_re"] = jax.lax.stop_gradient(jnp.real(carry_new)).astype(jnp.float32)
             new_cache["h_im"] = jax.lax.stop_gradient(jnp.imag(carry_new)).astype(jnp.float32)
@@ -185,7 +225,7 @@ class BSTLayer(nnx.Module):
                 cross = attn.attend(q2b, attn.to_blocks(kc, W), attn.to_blocks(vc, W), self.cross_scale(),
                                     mask=mask, dropout=dropout)
         else:  # MF
-            ends = jnp.swapaxes(y[:, W - 1::W], -1, -2)  # (B, nb, S, d): each window's last position
+            ends = jnp.swapaxes(y if mf_ends else y[:, W - 1::W], -1, -2)  # (B, nb, S, d): window ends
             prev = jnp.where(keep, jax.lax.stop_gradient(cache["ctx"]), self.init_context[...][None])
             ctx = jnp.concatenate([prev[:, None], ends[:, :-1]], axis=1)  # shifted by one window
             new_cache["ctx"] = jax.lax.stop_gradient(ends[:, -1])

@@ -138,3 +138,100 @@ def fft_conv_with_prefix(u_prev: jax.Array, u: jax.Array, k: jax.Array, D: jax.A
     y = jnp.fft.irfft(xf[:, :, None, :] * kf[None], n=2 * T, axis=1)[:, T:]
     y = y + D[None, None].astype(jnp.float32) * u[:, :, None, :].astype(jnp.float32)
     return jnp.swapaxes(y, 2, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked S4D: exact, linear in L, no FFT and no L-long Vandermonde
+#
+# With x_t = Abar x_{t-1} + Bbar u_t and y_t = 2 Re(C~ x_t) + D u_t, cut the sequence into chunks
+# of c tokens and let s_j be the state before chunk j (s_0 = the carried state h). For position
+# i of chunk j:
+#   y = sum_{k<=i} K_{i-k} u_{jc+k}  (a c x c Toeplitz matmul with the c-long kernel)
+#     + 2 Re C~ Abar^(i+1) s_j       (the zero-input response, the carry's algebra per chunk)
+#     + D u
+#   s_{j+1} = Abar^c s_j + Bbar sum_k Abar^(c-1-k) u_{jc+k}
+# The state recurrence over chunks is an associative scan of (Abar^c, b_j) pairs. Complex
+# products are written as real matmuls over [Re; Im] (2 N/2 wide) at full float32 precision,
+# so the result matches the FFT path and the step-by-step recurrence to float32 rounding.
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _chunk_inputs_to_states(u: jax.Array, dtA: jax.Array, Bbar: jax.Array, c: int) -> jax.Array:
+    """b_j = Bbar sum_k Abar^(c-1-k) u_{jc+k}: u (B, T, d) -> (B, T/c, d, N/2) complex64."""
+    B, T, d = u.shape
+    G = Bbar[..., None] * jnp.flip(vandermonde(dtA, c), axis=-1)  # (d, N2, c): Bbar Abar^(c-1-k)
+    Gr = jnp.concatenate([jnp.real(G), jnp.imag(G)], axis=1)  # (d, 2 N2, c)
+    uc = u.astype(jnp.float32).reshape(B, T // c, c, d)
+    b = jnp.einsum("bjkd,dmk->bjdm", uc, Gr, precision=_HI)
+    n2 = dtA.shape[-1]
+    return jax.lax.complex(b[..., :n2], b[..., n2:])
+
+
+def _scan_states(b: jax.Array, a: jax.Array, h: jax.Array | None) -> jax.Array:
+    """States after each chunk, S_j = a S_{j-1} + b_j with S_{-1} = h: b (B, J, d, N2) -> same."""
+    if h is not None:
+        b = b.at[:, 0].add(a * h)
+    aj = jnp.broadcast_to(a, b.shape)
+
+    def combine(x, y):  # (a1, b1) then (a2, b2): a2 a1, a2 b1 + b2
+        return y[0] * x[0], y[0] * x[1] + y[1]
+
+    return jax.lax.associative_scan(combine, (aj, b), axis=1)[1]
+
+
+def s4d_window_end_states(u: jax.Array, h: jax.Array | None, dtA: jax.Array, Bbar: jax.Array,
+                          c: int) -> jax.Array:
+    """The state after the last token of each c-long chunk: (B, T/c, d, N/2) complex64.
+
+    x_{jc+c-1} for j = 0..T/c-1, starting from h (B, d, N/2) (None: zero). The last row is the
+    carry for the next sequence.
+    """
+    b = _chunk_inputs_to_states(u, dtA, Bbar, c)
+    return _scan_states(b, jnp.exp(dtA * c), h)
+
+
+def _realify_out(P: jax.Array) -> jax.Array:
+    """2 Re(P s) = [2 Re P, -2 Im P] . [Re s; Im s]: P (..., N2) complex -> (..., 2 N2) real."""
+    return jnp.concatenate([2.0 * jnp.real(P), -2.0 * jnp.imag(P)], axis=-1)
+
+
+def s4d_readout(states: jax.Array, C: jax.Array) -> jax.Array:
+    """2 Re sum_n C~_n x_n: states (B, J, d, N2) complex, C (C, d, N2) -> (B, J, d, C) float32."""
+    s = jnp.concatenate([jnp.real(states), jnp.imag(states)], axis=-1)
+    return jnp.einsum("bjdm,cdm->bjdc", s, _realify_out(C), precision=_HI)
+
+
+def s4d_chunked(u: jax.Array, h: jax.Array | None, dtA: jax.Array, Bbar: jax.Array, C: jax.Array,
+                D: jax.Array, c: int) -> tuple[jax.Array, jax.Array | None]:
+    """The S4D convolution plus the carry's zero-input response, chunk by chunk.
+
+    u (B, T, d), h (B, d, N/2) complex or None, C (C, d, N/2) complex, D (C, d); c divides T.
+    Returns y (B, T, d, C) float32 (what `fft_conv(u, s4d_kernel(...), D) + zir` gives) and the
+    state after the last token (None when h is None).
+    """
+    B, T, d = u.shape
+    if T % c:
+        raise ValueError(f"chunked S4D: chunk {c} must divide the sequence length T={T}")
+    J = T // c
+    Cn = C.shape[0]
+    uf = u.astype(jnp.float32)
+    V = vandermonde(dtA, c)  # (d, N2, c): Abar^i
+    # intra-chunk: causal Toeplitz of the c-long kernel, (c, c, C, d)
+    K = s4d_kernel(dtA, Bbar, C, c, V)
+    i = jnp.arange(c)
+    lag = i[:, None] - i[None, :]
+    Tm = jnp.where((lag >= 0)[:, :, None, None], K[jnp.clip(lag, 0)], 0.0)
+    uc = uf.reshape(B, J, c, d)
+    y = jnp.einsum("ikcd,bjkd->bjidc", Tm, uc, precision=_HI)
+    # states entering each chunk: s_0 = h, s_j = state after chunk j-1
+    ends = s4d_window_end_states(uf, h, dtA, Bbar, c)  # (B, J, d, N2)
+    h0 = jnp.zeros_like(ends[:, :1]) if h is None else h[:, None].astype(ends.dtype)
+    starts = jnp.concatenate([h0, ends[:, :-1]], axis=1)
+    # zero-input response inside chunk: 2 Re C~ Abar^(i+1) s_j
+    P = C[:, :, :, None] * (V * jnp.exp(dtA)[..., None])[None]  # (C, d, N2, c)
+    Pr = _realify_out(jnp.moveaxis(P, -1, -2))  # (C, d, c, 2 N2)
+    s = jnp.concatenate([jnp.real(starts), jnp.imag(starts)], axis=-1)  # (B, J, d, 2 N2)
+    y = y + jnp.einsum("bjdm,cdim->bjidc", s, Pr, precision=_HI)
+    y = y.reshape(B, T, d, Cn) + jnp.einsum("btd,cd->btdc", uf, D.astype(jnp.float32))
+    return y, (None if h is None else ends[:, -1])
