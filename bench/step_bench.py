@@ -29,7 +29,7 @@ def run_step(impl: str, batch: int, steps: int, tiny: bool) -> dict:
     from flax import nnx
 
     from bst_dist import config, sharding
-    from bst_dist.flops import train_step_flops
+    from bst_dist.models.flops import train_step_flops
     from bst_dist.models import cache_shape
     from bst_dist.train import state as state_mod
     from bst_dist.train import step as step_mod

@@ -17,13 +17,13 @@ from bst_dist.generate.params import ParamsError
 
 def _train_params(run_dir, step):
     """The params subtree as training left it, read with the full train-state restore."""
-    from bst_dist import sharding
+    from bst_dist import parallel
     from bst_dist.train import state as state_lib
     from bst_dist.train.checkpoint import Checkpointer
     from train_utils import REFERENCE_JOB, make_cfg
 
     cfg = make_cfg(REFERENCE_JOB, run_dir)
-    setup, abs_state, _ = state_lib.plan(cfg, sharding.make_mesh(cfg.mesh))
+    setup, abs_state, _ = state_lib.plan(cfg, parallel.make_mesh(cfg.mesh))
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), every=2, keep_last=3)
     try:
         state, _, _ = ckpt.restore_state(abstract_state=abs_state, step=step)
@@ -90,7 +90,7 @@ def test_bad_sources(tmp_path):
 
 
 def _cli(capsys, *argv):
-    from bst_dist.cli import main
+    from bst_dist.commands.main import main
 
     rc = main(list(argv))
     out, err = capsys.readouterr()

@@ -1,1 +1,1 @@
-"""One module per `bst-dist` subcommand (see bst_dist/cli.py)."""
+"""One module per `bst-dist` subcommand (dispatch: bst_dist/commands/main.py); argument parsing only."""

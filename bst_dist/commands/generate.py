@@ -21,9 +21,9 @@ def add_args(p):
 
 
 def _user_error():
-    from bst_dist import cli  # the class the CLI turns into one line and exit status 2
+    from bst_dist.errors import UserError  # the class the CLI turns into one line and exit status 2
 
-    return cli.UserError
+    return UserError
 
 
 def run(args) -> int:
