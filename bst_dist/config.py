@@ -37,7 +37,7 @@ class BSTConfig:
     filter_emb_dim: int = 33  # unstruct: Hyena positional embedding width (J = 16)
     filter_hidden: int = 64  # unstruct: implicit-filter MLP width
     filter_sin_freq: float = 14.0  # unstruct: Hyena's Sin activation frequency
-    carry: bool = True  # the cross-sequence SSM carry (MODEL_SPEC 7A/7B)
+    carry: bool = True  # the cross-sequence SSM carry (docs/models.md)
     # how the S4D convolution is computed (same function either way, float32):
     #   "chunked": chunk by chunk, a Toeplitz matmul inside a chunk and the diagonal state passed
     #   across chunks (linear in L); "fft": one 2L-point FFT convolution with the L-long kernel

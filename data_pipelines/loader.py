@@ -1,5 +1,5 @@
 """The document-lane loader: a Grain pipeline that yields, every step, the next L-length sequence
-of each of this process's lanes (DESIGN.md, "Batch").
+of each of this process's lanes (docs/training.md, "Batch").
 
   LaneDataset   grain IterDataset over this process's lanes; sliceable, so Grain's mp_prefetch
                 can run it in K worker processes (worker i makes steps i, i+K, ...)
@@ -248,7 +248,7 @@ def check_state(state: Any, spec: dict) -> None:
 def make_loader(data_cfg, *, seq_len: int, global_batch_size: int, process_index: int = 0,
                 process_count: int = 1, split: str = "train", seed: int = 0,
                 num_epochs: int | None = None) -> LaneLoader:
-    """This process's rows of the global batch, one step per `next()` (DESIGN.md, "Batch").
+    """This process's rows of the global batch, one step per `next()` (docs/training.md, "Batch").
     Process p of P owns lanes [p*B/P, (p+1)*B/P). Close it (or use `with`) to stop its workers."""
     B, P, p = global_batch_size, process_count, process_index
     if seq_len <= 0:

@@ -1,4 +1,4 @@
-"""The document-lane loader: DESIGN.md's Batch contract, exactly-once delivery, independence of the
+"""The document-lane loader: docs/training.md's Batch contract, exactly-once delivery, independence of the
 process count, exact resume (also onto another process count, and through Orbax), and prefetch
 worker processes."""
 

@@ -1,5 +1,5 @@
 """Every job file loads, is executable (`#!/usr/bin/env -S bst-dist train`), and the paper family
-holds what MODEL_SPEC 5.4 fixes; each TPU variant is its GPU job with only the placement changed;
+holds what docs/models.md fixes; each TPU variant is its GPU job with only the placement changed;
 every `ray:` section makes a ScalingConfig that Ray itself accepts. No cluster, no JAX."""
 
 from __future__ import annotations

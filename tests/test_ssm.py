@@ -1,5 +1,5 @@
 """SSM math against naive references: FFT convolution vs direct convolution, the S4D kernel vs
-the step-by-step recurrence, and the exact cross-sequence carries (MODEL_SPEC 5.2, 7A, 7B)."""
+the step-by-step recurrence, and the exact cross-sequence carries (docs/models.md, 7A, 7B)."""
 
 import numpy as np
 import jax.numpy as jnp

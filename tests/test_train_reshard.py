@@ -1,7 +1,7 @@
 """Restore onto another mesh: the tiny job trained on mesh (data, fsdp, tensor) = (8, 1, 1) with a
 checkpoint at step K, that checkpoint copied into a new run directory and continued to N on mesh
 (2, 2, 2), follows the uninterrupted (8, 1, 1) run: per-step losses after K and the final
-parameters, optimizer state and cache agree within float32 reduction-order tolerance (DESIGN.md:
+parameters, optimizer state and cache agree within float32 reduction-order tolerance (docs/training.md:
 1e-5 relative).
 
 Real Orbax on disk, the real Grain loader (stdlib corpus) and real training, in this process (its

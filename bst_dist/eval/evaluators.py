@@ -1,4 +1,4 @@
-"""Evaluation in the two modes of DESIGN.md ("Evaluation").
+"""Evaluation in the two modes of docs/training.md ("Evaluation").
 
 * streamed: documents cut into L-long sequences read in order with the evaluation's own cache
   (separate from training's), as in training; perplexity overall and per position bucket within

@@ -1,5 +1,5 @@
 """Attention math as plain functions: the masked ("safe") softmax, T5 relative buckets, and
-block (sliding-window) attention over the current and previous block (MODEL_SPEC 2.5-2.7).
+block (sliding-window) attention over the current and previous block (docs/models.md).
 
 Conventions: q, k, v are (..., Q|K, H, hd); logits are (..., H, Q, K). Keys and queries arrive
 L2-normalised; `alpha` (H,) is the learned per-head scale applied after the bias is added.

@@ -1,4 +1,4 @@
-"""The Block-State Transformer layer (MODEL_SPEC section 5): a Block Transformer layer whose
+"""The Block-State Transformer layer (docs/models.md): a Block Transformer layer whose
 tokens also cross-attend to SSM-produced context states, SH / MH / MF x s4d / unstruct, with
 the exact non-differentiable cross-sequence SSM carry (section 7).
 
@@ -191,7 +191,7 @@ class BSTLayer(nnx.Module):
         a_self, (_, _, q2, *_), new_cache = self.attn(x, cache, live, drop)
         keep = live[:, None, None]
 
-        # SSM over the whole sequence (not per window: MODEL_SPEC 9.5), carry read through stop_gradient.
+        # SSM over the whole sequence (not per window: docs/models.md), carry read through stop_gradient.
         carry = None
         if b.carry and b.kernel == "s4d":
             h = jax.lax.stop_gradient(cache["h_re"] + 1j * cache["h_im"]).astype(jnp.complex64)

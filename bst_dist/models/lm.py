@@ -1,5 +1,5 @@
 """The language model: tied embedding, a hybrid stack of Block / BST / BRecT layers from config,
-final RMS norm and the tied output head scaled by 1/sqrt(d) (MODEL_SPEC section 2.1 says
+final RMS norm and the tied output head scaled by 1/sqrt(d) (docs/models.md says
 1/sqrt(V); meliad's decoder_stack.py divides by sqrt(ys.shape[-1]) = sqrt(d): see docs/models.md).
 
     model = build(cfg.model, rngs=nnx.Rngs(seed))

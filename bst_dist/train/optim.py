@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules (MODEL_SPEC section 6).
+"""Optimizers and learning-rate schedules (docs/models.md).
 
 Two recipes:
 
