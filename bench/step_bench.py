@@ -28,7 +28,7 @@ def run_step(impl: str, batch: int, steps: int, tiny: bool) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from bst_dist import config, sharding
+    from bst_dist import config, parallel
     from bst_dist.models.flops import train_step_flops
     from bst_dist.models import cache_shape
     from bst_dist.train import state as state_mod
