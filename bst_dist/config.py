@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,17 @@ from bst_dist.errors import UserError
 
 class ConfigError(UserError, ValueError):
     """A job spec that cannot run; the message is one line naming the key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads `1e-4` and `1.0e6` as floats (YAML 1.1 wants a dot and a signed
+    exponent, so PyYAML reads the notation every user writes as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,7 +411,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"--set {item}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -435,7 +447,7 @@ def load(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConf
         raise ConfigError(f"{path}: no such job file")
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
