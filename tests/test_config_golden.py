@@ -9,6 +9,7 @@ the diff and says why:
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import sys
@@ -37,6 +38,7 @@ def resolve_all() -> dict:
     return {rel: config.to_dict(config.load(os.path.join(REPO, rel))) for rel in job_files()}
 
 
+@functools.lru_cache(maxsize=1)
 def _golden() -> dict:
     with open(GOLDEN, encoding="utf-8") as f:
         return yaml.safe_load(f)
