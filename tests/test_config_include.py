@@ -2,17 +2,10 @@
 values are replaced whole; sibling includes that disagree are an error unless the including file
 decides or one of them includes the other; cycles and missing files are one-line errors."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from bst_dist import config
 from bst_dist.config import ConfigError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write(tmp_path, files: dict) -> None:
@@ -79,12 +72,3 @@ def test_include_cycles_and_missing_includes_are_one_line_errors_naming_the_file
     with pytest.raises(ConfigError, match=r"bad\.yaml: include: expected a path or a list of paths"):
         config.load(tmp_path / "bad.yaml")
 
-
-def test_a_job_with_includes_runs_from_another_directory_through_the_cli(tmp_path):
-    """`bst-dist describe jobs/X.yaml` from elsewhere: the include is found next to the file."""
-    job = os.path.join(REPO, "jobs", "variants", "pg19_400m_tpu_v5p.yaml")
-    r = subprocess.run([sys.executable, "-m", "bst_dist", "describe", job, "--json"], capture_output=True,
-                       text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO})
-    assert r.returncode == 0, r.stderr
-    d = json.loads(r.stdout)
-    assert d["name"] == "pg19_400m_tpu_v5p" and len(d["layers"]) == 24
