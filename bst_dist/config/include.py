@@ -96,8 +96,10 @@ class _Resolver:
         for path, (src_a, src_b, a, b) in conflicts.items():
             if path not in own:
                 key = ".".join(map(str, path))
-                raise ConfigError(f"{display}: its includes {self.names[src_a]} and {self.names[src_b]} set {key} "
-                                  f"differently ({_short(a)} and {_short(b)}); set {key} in {display}")
+                here = os.path.dirname(display)
+                name_a, name_b = (os.path.relpath(self.names[s], here or ".") for s in (src_a, src_b))
+                raise ConfigError(f"{display}: its includes {name_a} and {name_b} set {key} differently "
+                                  f"({_short(a)} and {_short(b)}); set {key} in {display}")
         merged.update(own)
         self.memo[real] = _Resolved(merged, frozenset(closure))
         return self.memo[real]

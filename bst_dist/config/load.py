@@ -5,7 +5,6 @@ Overrides use dotted keys: `--set model.d_model=256`; the value is read as YAML.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -41,23 +40,23 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def from_dict(raw: dict, overrides: list[str] | None = None) -> JobConfig:
-    """A resolved spec (plain data, no `include:`) -> a validated JobConfig."""
+def from_dict(raw: dict, overrides: list[str] | None = None, *, tokenizer: bool = False) -> JobConfig:
+    """A resolved spec (plain data, no `include:`) -> a validated JobConfig (`tokenizer`: see validate)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"job spec: the top level must be a mapping of sections, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
-    return validate(build(JobConfig, raw, ""))
+    return validate(build(JobConfig, raw, ""), tokenizer=tokenizer)
 
 
 def load(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:
     """Read a job YAML and its includes, apply `--set` overrides, validate. Raises ConfigError (one line)."""
     path = os.fspath(path)
-    cfg = from_dict(include.resolve(path), overrides)
-    if cfg.name == "job":
-        cfg = dataclasses.replace(cfg, name=os.path.splitext(os.path.basename(path))[0])
-    return cfg
+    raw = include.resolve(path)
+    if "name" not in raw:  # a job is named after its file unless it says otherwise
+        raw["name"] = os.path.splitext(os.path.basename(path))[0]
+    return from_dict(raw, overrides, tokenizer=True)
 
 
 def dump(cfg: JobConfig) -> str:

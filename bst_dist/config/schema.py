@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from bst_dist.errors import UserError
 
-MAX_MESSAGE = 300  # characters: a refusal is one line a terminal shows whole
+MAX_MESSAGE = 400  # characters: a refusal is one line a terminal shows whole
 
 
 class ConfigError(UserError, ValueError):
