@@ -15,7 +15,7 @@ TINY = os.path.join(REPO, "jobs", "local_tiny.yaml")
 
 def test_local_tiny_loads_with_types():
     cfg = config.load(TINY)
-    assert cfg.name == "local_tiny" and cfg.model.L % cfg.model.W == 0
+    assert cfg.name == "local_tiny" and cfg.model.seq_len % cfg.model.block_len == 0
     assert cfg.model.bst_layers == (1,) and isinstance(cfg.model.bst_layers, tuple)
     assert cfg.model.padded_vocab == 50304  # GPT-2's 50257 padded to a multiple of 128
     assert cfg.model.layer_kind(1) == "bst" and cfg.model.layer_kind(0) == "block"

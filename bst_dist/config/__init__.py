@@ -12,7 +12,7 @@ the CLI prints it without a traceback (exit status 2). The modules:
 """
 
 from bst_dist.config.build import to_dict
-from bst_dist.config.load import apply_overrides, dump, from_dict, load
+from bst_dist.config.load import dump, from_dict, load
 from bst_dist.config.schema import (
     BRecTConfig,
     BSTConfig,
@@ -30,6 +30,6 @@ from bst_dist.config.validate import validate
 
 __all__ = [
     "BRecTConfig", "BSTConfig", "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "MeshConfig",
-    "ModelConfig", "OptimizerConfig", "RayConfig", "TrainConfig", "apply_overrides", "dump", "from_dict",
+    "ModelConfig", "OptimizerConfig", "RayConfig", "TrainConfig", "dump", "from_dict",
     "load", "to_dict", "validate",
 ]

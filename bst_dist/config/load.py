@@ -26,7 +26,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), yaml_file.parse_value(raw)
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def _apply_overrides(raw: dict, overrides: list[str]) -> dict:
     raw = dict(raw)
     for item in overrides or []:
         path, value = _parse_override(item)
@@ -46,7 +46,7 @@ def from_dict(raw: dict, overrides: list[str] | None = None, *, tokenizer: bool 
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"job spec: the top level must be a mapping of sections, got {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides or [])
+    raw = _apply_overrides(raw, overrides or [])
     return validate(build(JobConfig, raw, ""), tokenizer=tokenizer)
 
 

@@ -81,14 +81,6 @@ class ModelConfig:
     brect: BRecTConfig = field(default_factory=BRecTConfig)
 
     @property
-    def W(self) -> int:
-        return self.block_len
-
-    @property
-    def L(self) -> int:
-        return self.seq_len
-
-    @property
     def padded_vocab(self) -> int:
         m = self.vocab_multiple
         return (self.vocab_size + m - 1) // m * m
