@@ -1,8 +1,10 @@
 """Keep the `# params:` header of job files true: compute each job's parameter counts from shapes
 (nnx.eval_shape, nothing allocated) and check or rewrite the header line.
 
-    python -m ops.job_params jobs/*.yaml jobs/variants/*.yaml           # check (exit 1 on a mismatch)
-    python -m ops.job_params --write jobs/*.yaml jobs/variants/*.yaml   # rewrite the lines
+    python -m ops.job_params jobs/*.yaml           # check (exit 1 on a mismatch)
+    python -m ops.job_params --write jobs/*.yaml   # rewrite the lines
+
+The header is on the jobs that set a model (jobs/*.yaml); a TPU variant includes its GPU job's.
 """
 
 from __future__ import annotations

@@ -39,9 +39,27 @@ def test_cluster_has_the_promised_files():
             "kuberay/raycluster-tpu.yaml", "kuberay/rayjob-gpu.yaml", "kuberay/rayjob-tpu.yaml"} <= names
 
 
+class _NoDuplicateKeys(yaml.SafeLoader):
+    """Safe YAML that refuses a key twice in one mapping (plain PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        assert not dup, f"duplicate key {dup[0]} in the mapping at line {node.start_mark.line + 1}"
+        return super().construct_mapping(node, deep)
+
+
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: os.path.relpath(p, REPO))
 def test_yaml_parses(path):
-    assert _docs(path)
+    """Every document is a mapping without duplicate keys that says what it is: a launcher config
+    (cluster_name) or a Kubernetes object (apiVersion, kind, metadata.name)."""
+    with open(path) as f:
+        docs = [d for d in yaml.load_all(f, Loader=_NoDuplicateKeys) if d is not None]
+    assert docs
+    for d in docs:
+        assert isinstance(d, dict), f"{path}: a document is a {type(d).__name__}, not a mapping"
+        named = d.get("apiVersion") and d.get("kind") and (d.get("metadata") or {}).get("name")
+        assert "cluster_name" in d or named, f"{path}: a document is neither a launcher config nor a named object"
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: os.path.relpath(p, REPO))

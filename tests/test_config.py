@@ -15,7 +15,7 @@ TINY = os.path.join(REPO, "jobs", "local_tiny.yaml")
 
 def test_local_tiny_loads_with_types():
     cfg = config.load(TINY)
-    assert cfg.name == "local_tiny" and cfg.model.L % cfg.model.W == 0
+    assert cfg.name == "local_tiny" and cfg.model.seq_len % cfg.model.block_len == 0
     assert cfg.model.bst_layers == (1,) and isinstance(cfg.model.bst_layers, tuple)
     assert cfg.model.padded_vocab == 50304  # GPT-2's 50257 padded to a multiple of 128
     assert cfg.model.layer_kind(1) == "bst" and cfg.model.layer_kind(0) == "block"
@@ -84,3 +84,13 @@ def test_describe_counts_parameters_without_building():
     p = d["params"]
     assert p["embedding"] == 50304 * 128 and p["total"] == p["embedding"] + p["non_embedding"]
     assert p["total"] == sum(layer["params"] for layer in d["layers"]) + p["embedding"] + 128  # + final norm
+
+
+@pytest.mark.parametrize("text,want", [("1e-4", 1e-4), ("3e-4", 3e-4), ("1.0e6", 1.0e6), ("2E+3", 2e3)])
+def test_exponent_notation_reads_as_a_float_in_files_and_overrides(tmp_path, text, want):
+    with open(TINY) as f:
+        job = f.read().replace("lr: 3.0e-3", f"lr: {text}")
+    path = tmp_path / "job.yaml"
+    path.write_text(job)
+    assert config.load(str(path)).train.optimizer.lr == want
+    assert config.load(TINY, [f"train.optimizer.lr={text}"]).train.optimizer.lr == want

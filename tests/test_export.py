@@ -2,6 +2,7 @@
 (bfloat16 export within bf16 rounding), `load_init_params` fills a new model's abstract tree and
 names the first mismatched parameter, and bad sources are one line."""
 
+import dataclasses
 import os
 
 import jax
@@ -69,7 +70,7 @@ def test_run_checkpoint_and_export_load_the_trained_params(tiny_reference, tmp_p
     for a, b in zip(_leaves(init.to_pure_dict()), _leaves(want)):
         np.testing.assert_array_equal(a, b)
     # another model: one line naming the parameter and both shapes
-    other = config.replace(cfg.model, mlp_dim=2 * cfg.model.mlp_dim)
+    other = dataclasses.replace(cfg.model, mlp_dim=2 * cfg.model.mlp_dim)
     _, abstract_other = params_lib.abstract_params(other)
     with pytest.raises(ParamsError, match=r"parameter layers/0/.*has shape \(32, 64\).*\(32, 128\)"):
         params_lib.load_init_params(run_dir, other, abstract_other)
