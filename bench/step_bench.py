@@ -1,6 +1,7 @@
 """The 400M train step (jobs/pg19_400m.yaml's model, dropout 0, cuDNN attention) on one device,
 the real `bst_dist.train.step.make_train_step`, against the plain-JAX sliding-window decoder peer
-(`.anchors/anchor_jax_lm.py window`, run in its own process in the same call when present).
+(`.anchors/anchor_jax_lm.py window`) and the torch.compile GPT-2-medium peer (`.anchors/anchor_gpu.py
+torch:4096:B:compile`), each run in its own process in the same call when `.anchors/` is present.
 
     python bench/step_bench.py --out bench/results/h200 --impls chunked,fft
     python bench/step_bench.py --tiny --out /tmp/sb --impls chunked      # CPU smoke test
@@ -29,7 +30,7 @@ def run_step(impl: str, batch: int, steps: int, tiny: bool) -> dict:
     from flax import nnx
 
     from bst_dist import config, parallel
-    from bst_dist.models.flops import train_step_flops
+    from bst_dist.models.flops import attention_flops, train_step_flops
     from bst_dist.models import cache_shape
     from bst_dist.train import state as state_mod
     from bst_dist.train import step as step_mod
@@ -68,16 +69,24 @@ def run_step(impl: str, batch: int, steps: int, tiny: bool) -> dict:
 
     t = runner.timed(one, (), steps)
     flops = train_step_flops(cfg.model, B)
+    m = cfg.model  # useful attention: each query against the W keys it may see, not the 2W computed
+    masked_half = 3.0 * B * m.num_layers * (L // m.block_len) * attention_flops(m.block_len, m.block_len,
+                                                                               m.num_heads, m.head_dim)
     return {"variant": f"BST 400M ssm_impl={impl}", "B": B, "L": L, "init_s": init_s, "compile_s": compile_s,
             "step_ms": t["ms"], "tokens_per_s": B * L / (t["ms"] / 1e3), "model_tflops": flops / (t["ms"] / 1e3) / 1e12,
-            "flops_per_step": flops, "peak_GiB": runner.peak_gib()}
+            "flops_per_step": flops,
+            "model_tflops_useful": (flops - masked_half) / (t["ms"] / 1e3) / 1e12, "peak_GiB": runner.peak_gib()}
 
 
 def _subprocess(args: list[str], cwd: str, env=None) -> dict:
     p = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=400)
-    for line in p.stdout.splitlines()[::-1]:
-        if line.startswith("{"):
-            return json.loads(line)
+    lines = p.stdout.splitlines()
+    for i in range(len(lines) - 1, -1, -1):  # the last JSON object printed, on one line or indented
+        if lines[i].startswith("{"):
+            try:
+                return json.loads("\n".join(lines[i:]))
+            except json.JSONDecodeError:
+                continue
     return {"error": f"rc={p.returncode}: {p.stderr[-600:]}"}
 
 
@@ -106,9 +115,15 @@ def main() -> None:
         peer = _subprocess(["anchor_jax_lm.py", "window"], peer_dir, env)
         peer["variant"] = "plain-JAX window decoder (peer)"
         rows.append(peer)
-        for r in rows[:-1]:
+        torch_peer = _subprocess(["anchor_gpu.py", f"torch:4096:{a.batch}:compile"], peer_dir, env)
+        torch_row = next((v for k, v in torch_peer.items() if k.startswith("torch_gpt2")), None)
+        rows.append({"variant": "torch.compile GPT-2-medium (peer)", **torch_row} if isinstance(torch_row, dict)
+                    else {"variant": "torch.compile GPT-2-medium (peer)", "error": str(torch_row or torch_peer)[:300]})
+        for r in rows[:-2]:
             if "tokens_per_s" in r and "tokens_per_s" in peer:
                 r["x_peer"] = r["tokens_per_s"] / peer["tokens_per_s"]
+            if "tokens_per_s" in r and "tokens_per_s" in rows[-1]:
+                r["x_torch_compile"] = r["tokens_per_s"] / rows[-1]["tokens_per_s"]
     path = runner.write(a.out, "step_bench", {"rows": rows})
     for r in rows:
         print(f"{r.get('variant', '?'):40} tokens/s {r.get('tokens_per_s', 0):10.0f}  x_peer {r.get('x_peer', 1):5.2f}  "

@@ -1,4 +1,4 @@
-"""`bst-dist eval RUN_DIR [--split validation] [--lengths 512,4096,16384]`: streamed perplexity
+"""`bst-dist eval RUN_DIR|EXPORT [--job JOB.yaml] [--split validation] [--lengths 512,4096,16384]`: streamed perplexity
 with the cache (per position bucket) and perplexity at each length T in one pass."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import json
 
 
 def add_args(p):
-    p.add_argument("run_dir", help="a run directory (holds job.yaml and checkpoints/)")
+    p.add_argument("run_dir", help="a run directory (holds job.yaml and checkpoints/), or an export (bst-dist export)")
+    p.add_argument("--job", default=None, help="with an export: the job file whose data (and mesh) to evaluate on")
     p.add_argument("--split", default="validation")
     p.add_argument("--lengths", default="", help="comma-separated T for the at-length mode, e.g. 512,4096,16384")
     p.add_argument("--max-batches", type=int, default=0, help="streamed mode: stop after N steps (0: whole split)")
@@ -25,6 +26,6 @@ def run(args) -> int:
     except ValueError:
         raise UserError(f"--lengths {args.lengths!r}: expected comma-separated integers, e.g. 512,4096") from None
     result = evaluate_run(args.run_dir, split=args.split, lengths=lengths, max_batches=args.max_batches,
-                          max_docs=args.max_docs, step=args.step, overrides=args.overrides)
+                          max_docs=args.max_docs, step=args.step, overrides=args.overrides, job=args.job)
     print(json.dumps(result, indent=2))
     return 0

@@ -136,6 +136,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: no evaluation during training
     eval_batches: int = 4
     max_nan_steps: int = 5
+    # start from these parameters (a run directory, a checkpoint step directory or a `bst-dist
+    # export`) with a fresh optimizer; ignored once the run has a checkpoint of its own
+    init_from: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,13 @@ import yaml
 from flax import nnx
 
 from bst_dist import config as config_lib
+from bst_dist.errors import UserError
 
 EXPORT_FORMAT = "bst_dist-params"
 EXPORT_VERSION = 1
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """A path that holds no parameters, or parameters of another model (a one-line message)."""
 
 

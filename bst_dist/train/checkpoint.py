@@ -27,6 +27,7 @@ with a local path, NFS, or `gs://bucket/...` (Orbax goes through etils epath).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
@@ -289,10 +290,16 @@ class Checkpointer:
         `abstract_state` may be a part of the saved state ({"params": ...}): only that is read."""
 
         def attempt(s: int):
-            restore = ocp.args.StandardRestore(abstract_state, strict=False)
-            out = self._mngr.restore(s, args=ocp.args.Composite(state=restore,
-                                                                meta=ocp.args.JsonRestore()))
-            return out["state"], dict(out["meta"]), s
+            # Orbax's StandardRestore(strict=False) still refuses a restore item with fewer
+            # subtrees than were saved; a PyTree restore with partial_restore reads only those
+            # asked for, so the optimizer state is never read or allocated.
+            item = abstract_state
+            args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                          partial_restore=True)
+            with ocp.PyTreeCheckpointer() as reader:
+                state = reader.restore(os.path.join(str(self.directory), str(s), "state"), args=args)
+            meta = self._mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            return state, dict(meta), s
 
         return self._with_fallback(step, attempt)
 

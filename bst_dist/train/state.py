@@ -86,15 +86,24 @@ def plan(cfg: JobConfig, mesh: Mesh, *, optimizer: bool = True) -> tuple[Setup, 
 
 
 def create(cfg: JobConfig, mesh: Mesh) -> tuple[Setup, dict, Any]:
-    """(setup, state, cache): a fresh sharded state and an all-invalid cache."""
-    setup, _, factory = plan(cfg, mesh)
+    """(setup, state, cache): a fresh sharded state and an all-invalid cache. With
+    `train.init_from` the parameters are another run's (or an export's) and the optimizer
+    state is fresh, so a fine-tune starts at step 0 with its own schedule."""
+    setup, abstract, factory = plan(cfg, mesh)
     tx = setup.tx
+    if cfg.train.init_from:
+        from bst_dist.generate.params import load_init_params
 
-    def init():
-        params = nnx.split(factory())[1]
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        params = load_init_params(cfg.train.init_from, cfg.model, abstract["params"])
+        opt_state = jax.jit(tx.init, out_shardings=setup.state_shardings["opt_state"])(params)
+        state = {"params": params, "opt_state": opt_state,
+                 "step": jax.device_put(jnp.zeros((), jnp.int32), setup.state_shardings["step"])}
+    else:
+        def init():
+            params = nnx.split(factory())[1]
+            return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    state = jax.jit(init, out_shardings=setup.state_shardings)()
+        state = jax.jit(init, out_shardings=setup.state_shardings)()
     shapes = cache_shape(cfg.model, cfg.train.global_batch_size)
     cache = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
                     out_shardings=setup.cache_shardings)()
