@@ -112,12 +112,14 @@ def checkpoint_dir(cfg: JobConfig) -> str:
 def open_checkpointer(cfg: JobConfig) -> Checkpointer:
     """The run's checkpointer, after refusing a newest checkpoint the job cannot continue from
     (IncompatibleCheckpoint naming the difference) before the data, the model or any
-    compilation. The restore checks each candidate again; an unreadable newest step is left to
-    its fallback."""
+    compilation, and after a probe write (CheckpointWriteError: an unwritable or full location
+    is found before the first step, not at the first save). The restore checks each candidate
+    again; an unreadable newest step is left to its fallback."""
     c = cfg.checkpoint
     ckpt = Checkpointer(checkpoint_dir(cfg), every=c.every, keep_last=c.keep_last, keep_every=c.keep_every,
                         async_save=c.async_save)
     try:
+        ckpt.check_writable()
         latest = ckpt.latest_step()
         if latest is not None:
             try:
