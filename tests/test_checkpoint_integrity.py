@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import shutil
+import time
 
 import grain
 import jax
@@ -16,6 +17,7 @@ import pytest
 
 from bst_dist.train import integrity
 from bst_dist.train.checkpoint import FORMAT_VERSION, Checkpointer, CheckpointWriteError
+from train_utils import tmpfs
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoint_format1")
 
@@ -120,6 +122,28 @@ def test_unwritable_location_is_found_by_the_probe(tmp_path):
     ck.close()
     with pytest.raises(CheckpointWriteError, match="checkpoint.dir .* (cannot be opened|is not writable)"):
         Checkpointer(str(blocker / "ck"), every=1, keep_last=1).check_writable()
+
+
+def test_a_save_that_fails_on_a_full_disk_is_reported_at_the_next_save(tmp_path, caplog):
+    big = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((512, 1024), dtype=np.float32))}  # 2 MiB
+    with tmpfs(tmp_path / "full", "1m") as d:
+        ck = Checkpointer(d, every=1, keep_last=5)
+        ck.check_writable()
+        it = _it(1)
+        ck.save(1, state={"w": jnp.ones((8, 4))}, cache={}, data_iter=it, meta={})
+        ck.wait()
+        assert ck.last_verified_step == 1
+        ck.save(2, state=big, cache={}, data_iter=it, meta={})  # async: fails in the background
+        with pytest.raises(CheckpointWriteError) as e:
+            for step in range(3, 50):  # the loop calls save every step; it must not go on for long
+                time.sleep(0.1)
+                ck.save(step, state={"w": jnp.ones((8, 4))}, cache={}, data_iter=it, meta={})
+        assert str(e.value) == (f"checkpoint step 2 could not be written to {d} (No space left on device); "
+                                "the run stops; the last good checkpoint is step 1"), str(e.value)
+        ck.close()
+        ck = Checkpointer(d, every=1, keep_last=5)
+        assert ck.all_steps() == [1]
+        ck.close()
 
 
 @pytest.mark.slow

@@ -41,7 +41,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import socket
+import sys
 import threading
 import uuid
 from typing import Any
@@ -92,19 +94,37 @@ def format_version(meta: dict) -> int:
 # ---------------------------------------------------------------------------------------------
 # Library noise: Orbax and Grain log their own tracebacks (through absl) for failures that we
 # catch and report in one line. While a Checkpointer is open those records go to a log file
-# beside the checkpoints, never to the console.
+# beside the checkpoints, never to the console. After a failed save, Orbax's background writes
+# keep failing (a thread's error, asyncio's "exception was never retrieved" when their futures
+# are collected at exit) after the Checkpointer closed: then the filter stays, so the one-line
+# report is the last thing on the console.
 
 _noise_lock = threading.Lock()
 _noise_files: list[str] = []
+_after_failure: list[str] = []  # the log file of a Checkpointer closed after a failed save
+
+
+def _from_library(record: logging.LogRecord) -> bool:
+    def ours(path: str) -> bool:
+        path = path.replace(os.sep, "/")
+        return any(f"/{lib}/" in path for lib in ("orbax", "grain", "tensorstore"))
+
+    if ours(record.pathname):
+        return True
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:  # asyncio reporting an uncollected Orbax future
+        if ours(tb.tb_frame.f_code.co_filename):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class _LibraryNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        path = record.pathname.replace(os.sep, "/")
-        if record.levelno < logging.WARNING or not any(f"/{lib}/" in path for lib in ("orbax", "grain")):
+        if record.levelno < logging.WARNING or not _from_library(record):
             return True
         with _noise_lock:
-            target = _noise_files[-1] if _noise_files else None
+            target = _noise_files[-1] if _noise_files else (_after_failure[-1] if _after_failure else None)
         if target:
             try:
                 with open(target, "a") as f:
@@ -116,21 +136,46 @@ class _LibraryNoise(logging.Filter):
 
 
 _NOISE_FILTER = _LibraryNoise()
+_NOISY_LOGGERS = ("absl", "asyncio")
+_previous_unraisable: list = []
+
+
+def _unraisable(u) -> None:
+    """Tensorstore's callbacks for a failed read or write, aimed at the asyncio loop Orbax has
+    already closed, raise "Event loop is closed" where nobody catches it: to the log file."""
+    tb, noise = u.exc_traceback, False
+    while tb is not None and not noise:
+        noise = tb.tb_frame.f_code.co_filename.replace(os.sep, "/").endswith("asyncio/base_events.py")
+        tb = tb.tb_next
+    if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value) and noise:
+        _NOISE_FILTER.filter(logging.LogRecord("asyncio", logging.WARNING, "/tensorstore/", 0,
+                                               "ignored: %s", (u.exc_value,), None))
+        return
+    (_previous_unraisable[-1] if _previous_unraisable else sys.__unraisablehook__)(u)
 
 
 def _quiet_libraries(log_file: str | None) -> None:
     with _noise_lock:
         _noise_files.append(log_file or "")
-        if len(_noise_files) == 1:
-            logging.getLogger("absl").addFilter(_NOISE_FILTER)
+        if len(_noise_files) == 1 and not _after_failure:
+            for name in _NOISY_LOGGERS:
+                logging.getLogger(name).addFilter(_NOISE_FILTER)
+            if sys.unraisablehook is not _unraisable:
+                _previous_unraisable[:] = [sys.unraisablehook]
+                sys.unraisablehook = _unraisable
 
 
-def _unquiet_libraries(log_file: str | None) -> None:
+def _unquiet_libraries(log_file: str | None, *, failed: bool = False) -> None:
     with _noise_lock:
         if (log_file or "") in _noise_files:
             _noise_files.remove(log_file or "")
-        if not _noise_files:
-            logging.getLogger("absl").removeFilter(_NOISE_FILTER)
+        if failed:
+            _after_failure.append(log_file or "")
+        if not _noise_files and not _after_failure:
+            for name in _NOISY_LOGGERS:
+                logging.getLogger(name).removeFilter(_NOISE_FILTER)
+            if sys.unraisablehook is _unraisable and _previous_unraisable:
+                sys.unraisablehook = _previous_unraisable.pop()
 
 
 @dataclasses.dataclass
@@ -207,6 +252,37 @@ def check_compatible(meta: dict, job_cfg_dict: dict, *, source: str | None = Non
             raise IncompatibleCheckpoint(f"{where} has {key}={saved[key]}, the job has {want}")
 
 
+def _cause(e: BaseException) -> str:
+    """The short cause of a write error: the OS's words for it when there are some (Orbax wraps
+    tensorstore's errno in a long message), else its first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    m = re.search(r"os_error_code=\W?(\d+)", str(e))
+    return os.strerror(int(m.group(1))) if m else _first_line(e)
+
+
+def check_writable(directory: str) -> None:
+    """Create `directory`, write, read back and delete a probe file in it, so an unwritable or
+    full location is found before the first step (CheckpointWriteError, one line). Every
+    process probes (each writes its own shards)."""
+    from etils import epath
+
+    folder = epath.Path(directory)
+    probe = folder / f".write-probe-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    payload = os.urandom(4096)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(payload)
+        ok = probe.read_bytes() == payload
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointWriteError(f"checkpoint.dir {directory} is not writable ({_cause(e)}); "
+                                   "choose a writable checkpoint.dir") from None
+    if not ok:
+        raise CheckpointWriteError(f"checkpoint.dir {directory}: a probe file read back different "
+                                   "bytes than were written; choose another checkpoint.dir")
+
+
 class Checkpointer:
     """`ocp.CheckpointManager` with the items `state`, `cache`, `data`, `meta` (see module doc).
 
@@ -228,6 +304,7 @@ class Checkpointer:
         self.every = every
         self.last_verified_step: int | None = None
         self._pending: int | None = None  # a saved step whose write (or manifest) is not done
+        self._failed = False  # a save failed: Orbax's leftovers stay off the console (see above)
         self._primary = jax.process_index() == 0
         local = "://" not in self.directory
         self.log_file = log_file or (os.path.join(self.directory, "library.log") if local else None)
@@ -271,28 +348,17 @@ class Checkpointer:
     # Writability and failed saves
 
     def check_writable(self) -> None:
-        """Write, read back and delete a probe file, so an unwritable or full location is found
-        before the first step (CheckpointWriteError, one line). Every process probes (each
-        writes its own shards)."""
-        from etils import epath
-
-        probe = epath.Path(self.directory) / f".write-probe-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        payload = os.urandom(4096)
-        try:
-            probe.write_bytes(payload)
-            ok = probe.read_bytes() == payload
-            probe.unlink()
-        except OSError as e:
-            reason = e.strerror or _first_line(e)
-            raise CheckpointWriteError(f"checkpoint.dir {self.directory} is not writable ({reason}); "
-                                       "choose a writable checkpoint.dir") from None
-        if not ok:
-            raise CheckpointWriteError(f"checkpoint.dir {self.directory}: a probe file read back different "
-                                       "bytes than were written; choose another checkpoint.dir")
+        """See the module function `check_writable`."""
+        check_writable(self.directory)
 
     def _last_good(self) -> str:
         good = self.last_verified_step
-        return f"the last good checkpoint is step {good}" if good is not None else "no checkpoint was completed"
+        last = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint was completed"
+        return f"the run stops; {last}"
+
+    def _write_error(self, what: str, e: BaseException) -> CheckpointWriteError:
+        self._failed = True
+        return CheckpointWriteError(f"{what} ({_cause(e)}); {self._last_good()}")
 
     def _finish_pending(self) -> None:
         """Wait for the in-flight save, then hash it. Raises CheckpointWriteError if it failed."""
@@ -301,17 +367,15 @@ class Checkpointer:
             self._mngr.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - whatever failed, the step is not on disk
             log.debug("background save of step %d failed", step, exc_info=True)
-            raise CheckpointWriteError(f"checkpoint step {step} could not be written to {self.directory} "
-                                       f"({_first_line(e)}); {self._last_good()}") from None
+            raise self._write_error(f"checkpoint step {step} could not be written to {self.directory}", e) from None
         if step is None:
             return
         if self._primary:
             try:
                 integrity.write_manifest(self.step_dir(step))
             except OSError as e:
-                raise CheckpointWriteError(f"checkpoint step {step}: its integrity manifest could not be written "
-                                           f"to {self.directory} ({e.strerror or _first_line(e)}); "
-                                           f"{self._last_good()}") from None
+                raise self._write_error(f"checkpoint step {step}: its integrity manifest could not be written "
+                                        f"to {self.directory}", e) from None
         self.last_verified_step = step
 
     def _poll(self) -> None:
@@ -354,8 +418,7 @@ class Checkpointer:
             saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
         except (OSError, ValueError) as e:
             log.debug("save of step %d failed", step, exc_info=True)
-            raise CheckpointWriteError(f"checkpoint step {step} could not be written to {self.directory} "
-                                       f"({_first_line(e)}); {self._last_good()}") from None
+            raise self._write_error(f"checkpoint step {step} could not be written to {self.directory}", e) from None
         if saved:
             self._known.add(step)
             self._pending = step
@@ -506,8 +569,7 @@ class Checkpointer:
             try:
                 self._mngr.wait_until_finished()
             except Exception as e:  # noqa: BLE001
-                raise CheckpointWriteError(f"a checkpoint save to {self.directory} failed ({_first_line(e)}); "
-                                           f"{self._last_good()}") from None
+                raise self._write_error(f"a checkpoint save to {self.directory} failed", e) from None
 
     def close(self) -> None:
         try:
@@ -519,7 +581,7 @@ class Checkpointer:
             except Exception:  # noqa: BLE001 - a failed save was reported by _finish_pending
                 log.debug("closing the checkpoint manager failed", exc_info=True)
             finally:
-                _unquiet_libraries(self.log_file)
+                _unquiet_libraries(self.log_file, failed=self._failed)
 
     def __enter__(self):
         return self

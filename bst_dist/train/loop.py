@@ -28,7 +28,7 @@ import yaml
 from bst_dist import config as config_lib
 from bst_dist import parallel
 from bst_dist.config import ConfigError, JobConfig
-from bst_dist.train.checkpoint import Checkpointer, NoReadableCheckpoint, check_compatible
+from bst_dist.train.checkpoint import Checkpointer, NoReadableCheckpoint, check_compatible, check_writable
 from bst_dist.train.hooks import Hook, Run, TrainingError, standard_hooks  # noqa: F401 (TrainingError: API)
 from bst_dist.train.state import initial_state
 from bst_dist.train.step import batch_shardings, make_train_step
@@ -116,10 +116,10 @@ def open_checkpointer(cfg: JobConfig) -> Checkpointer:
     is found before the first step, not at the first save). The restore checks each candidate
     again; an unreadable newest step is left to its fallback."""
     c = cfg.checkpoint
+    check_writable(checkpoint_dir(cfg))  # before Orbax's manager: its threads outlive a refused start
     ckpt = Checkpointer(checkpoint_dir(cfg), every=c.every, keep_last=c.keep_last, keep_every=c.keep_every,
                         async_save=c.async_save)
     try:
-        ckpt.check_writable()
         latest = ckpt.latest_step()
         if latest is not None:
             try:
