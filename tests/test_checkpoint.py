@@ -25,7 +25,7 @@ from bst_dist.train.checkpoint import (
     check_compatible,
 )
 from bst_dist.train import integrity
-from bst_dist.train.preemption import PREEMPTED_EXIT_CODE, PreemptionGuard, any_process
+from bst_dist.train.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, PreemptionGuard, any_process
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -248,5 +248,15 @@ def test_preemption_guard_turns_sigterm_into_a_flag():
         os.kill(os.getpid(), signal.SIGTERM)
         assert guard.requested and any_process(guard.requested)
     assert signal.getsignal(signal.SIGTERM) is before
-    assert PREEMPTED_EXIT_CODE == 128 + signal.SIGTERM
+    assert PREEMPTED_EXIT_CODE == 128 + signal.SIGTERM and guard.exit_code == PREEMPTED_EXIT_CODE
     assert not any_process(False)
+
+
+def test_preemption_guard_turns_ctrl_c_into_a_flag_and_a_second_one_interrupts():
+    before = signal.getsignal(signal.SIGINT)
+    with PreemptionGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: the step finishes, then a checkpoint
+        assert guard.requested and guard.exit_code == INTERRUPTED_EXIT_CODE == 128 + signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the previous handler: stop at once
+    assert signal.getsignal(signal.SIGINT) is before

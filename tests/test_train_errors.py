@@ -4,7 +4,8 @@ Grain loader on the stdlib corpus, real training, in this process with its 8 fak
 * bad job values (mesh vs device count, batch vs data-parallel size, grad_accum) are refused with a
   one-line ConfigError before anything is compiled or written;
 * a checkpoint location that cannot be written is refused at start in one line, and a save that
-  fails later (a full disk) stops the run in one line naming the last good checkpoint;
+  fails later (a full disk) stops the run in one line naming the last good checkpoint; Ctrl-C
+  saves a checkpoint like SIGTERM and exits 130;
 * a checkpoint whose model shape, L, W or global batch differ from the job is refused
   (IncompatibleCheckpoint naming the key), also before anything is compiled, and without touching
   the run directory's job.yaml;
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -166,6 +168,34 @@ def test_cli_stops_at_a_save_that_fails_on_a_full_disk(tmp_path):
     p, _ = _local_tiny(run_dir, tmp_path / "roomy", "train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=1")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stderr and "step 2" in p.stderr
+
+
+@pytest.mark.slow  # one training compile; test_checkpoint.py sends a real SIGINT to the guard in the default suite
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+    run_dir, ckpt_dir = tmp_path / "run", tmp_path / "ck"
+    args = [os.path.join(REPO, "jobs", "local_tiny.yaml"), "--set", f"train.run_dir={run_dir}",
+            "--set", f"checkpoint.dir={ckpt_dir}", "--set", "train.steps=200", "--set", "checkpoint.every=100"]
+    for kv in TINY_OVERRIDES:
+        args += ["--set", kv]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=REPO)
+    p = subprocess.Popen([sys.executable, "-m", "bst_dist", "train", "--no-ray", *args], env=env, cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while len(metrics_lines(str(run_dir))) < 2:
+        assert p.poll() is None and time.monotonic() < deadline, p.stdout.read()[-3000:]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    saved = [line for line in out.splitlines() if "interrupted: saved step" in line]
+    assert len(saved) == 1, out[-3000:]
+    step = int(saved[0].split("saved step ")[1].split(";")[0])
+    assert step >= 2 and sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) == [step]
+    assert (ckpt_dir / str(step) / "integrity.json").exists()  # complete and verified, not half-written
+    assert [json.loads(line)["step"] for line in metrics_lines(str(run_dir))][-1] == step
+    assert not (run_dir / "run.lock").exists()
 
 
 # --------------------------------------------------------------------------------------------
