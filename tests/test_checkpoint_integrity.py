@@ -146,6 +146,57 @@ def test_a_save_that_fails_on_a_full_disk_is_reported_at_the_next_save(tmp_path,
         ck.close()
 
 
+WRITER = """
+import sys, time
+import grain, jax.numpy as jnp, numpy as np
+from bst_dist.train.checkpoint import Checkpointer
+ck = Checkpointer(sys.argv[1], every=1, keep_last=10)
+it = iter(grain.MapDataset.range(100).to_iter_dataset())
+for step in (1, 2):
+    w = jnp.asarray(np.full((1024, 1024), float(step), np.float32))  # 4 MiB: the write takes a while
+    ck.save(step, state={"w": w}, cache={"c": jnp.full((4,), float(step))}, data_iter=it, meta={})
+    if step == 1:
+        ck.wait()
+        print("saved 1", flush=True)
+print("saving 2", flush=True)
+ck.wait()
+print("saved 2", flush=True)
+time.sleep(60)
+"""
+
+
+def _kill_during_the_second_save(d, delay):
+    import signal
+    import subprocess
+    import sys
+
+    from train_utils import REPO
+
+    p = subprocess.Popen([sys.executable, "-c", WRITER, d], stdout=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
+    assert p.stdout.readline().strip() == "saved 1"
+    assert p.stdout.readline().strip() == "saving 2"
+    time.sleep(delay)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+@pytest.mark.parametrize("delay", [0.0, pytest.param(0.05, marks=pytest.mark.slow),
+                                   pytest.param(0.2, marks=pytest.mark.slow), pytest.param(1.0, marks=pytest.mark.slow)])
+def test_sigkill_during_a_save_restores_a_whole_verified_step(tmp_path, caplog, delay):
+    d = str(tmp_path / "ck")
+    _kill_during_the_second_save(d, delay)
+    ck = Checkpointer(d, every=1, keep_last=10)
+    with caplog.at_level(logging.WARNING, logger="bst_dist.train.checkpoint"):
+        state, cache, _, step = ck.restore(abstract_state={"w": jax.ShapeDtypeStruct((1024, 1024), jnp.float32)},
+                                           abstract_cache={"c": jax.ShapeDtypeStruct((4,), jnp.float32)},
+                                           data_iter=_it(0))
+    ck.close()
+    assert step in (1, 2)
+    assert np.all(np.asarray(state["w"]) == step) and np.all(np.asarray(cache["c"]) == step)  # never a mix
+    assert os.path.exists(os.path.join(d, str(step), integrity.MANIFEST))
+
+
 @pytest.mark.slow
 def test_twenty_random_corruptions_are_never_restored_silently(tmp_path, caplog):
     d = str(tmp_path / "ck")
