@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from bst_dist.train import integrity
-from bst_dist.train.checkpoint import FORMAT_VERSION, Checkpointer, CheckpointWriteError
+from bst_dist.train.checkpoint import (FORMAT_VERSION, Checkpointer, CheckpointWriteError, IncompatibleCheckpoint,
+                                       check_compatible, format_version)
 from train_utils import tmpfs
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoint_format1")
@@ -112,6 +113,15 @@ def test_format1_checkpoint_restores_with_one_warning(tmp_path, caplog):
     assert step == 3 and np.array_equal(w, np.arange(8.0).reshape(2, 4))
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "format 1" in warnings[0] and f"format {FORMAT_VERSION}" in warnings[0]
+
+
+def test_a_newer_format_is_refused_in_one_line():
+    meta = {"step": 7, "format_version": FORMAT_VERSION + 1, "config": {}}
+    with pytest.raises(IncompatibleCheckpoint) as e:
+        check_compatible(meta, {"model": {}}, source="runs/x/checkpoints")
+    assert str(e.value) == (f"checkpoint runs/x/checkpoints step 7 has format version {FORMAT_VERSION + 1}; "
+                            f"this bst_dist reads up to {FORMAT_VERSION}: upgrade it")
+    assert format_version({"schema_version": 1}) == 1 and format_version({"format_version": 2}) == 2
 
 
 def test_unwritable_location_is_found_by_the_probe(tmp_path):

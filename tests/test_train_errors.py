@@ -147,6 +147,19 @@ def test_cli_reports_an_unwritable_checkpoint_dir_at_start_in_one_line(tmp_path)
     assert not (run_dir / "run.lock").exists()
 
 
+def test_a_run_dir_that_cannot_be_created_is_refused_before_compiling(tmp_path):
+    from bst_dist.errors import UserError
+    from bst_dist.train.loop import train
+
+    (tmp_path / "file").write_text("x")
+    run_dir = tmp_path / "file" / "run"
+    with CompileCounter() as compiles, pytest.raises(UserError) as e:
+        train(make_cfg(JOB, run_dir))
+    assert str(e.value) == (f"train.run_dir {run_dir} is not writable (Not a directory); "
+                            "choose a writable train.run_dir")
+    assert compiles.count == 0
+
+
 @pytest.mark.slow
 def test_cli_stops_at_a_save_that_fails_on_a_full_disk(tmp_path):
     """A 30 MB checkpoint location takes the step-2 checkpoint, not step 4's: the run stops right
