@@ -361,25 +361,35 @@ class Checkpointer:
         return CheckpointWriteError(f"{what} ({_cause(e)}); {self._last_good()}")
 
     def _finish_pending(self) -> None:
-        """Wait for the in-flight save, then hash it. Raises CheckpointWriteError if it failed."""
+        """Wait for the in-flight save, then hash it. Raises CheckpointWriteError if it failed,
+        on every process at once (a collective: a process whose own write succeeded must not go
+        on to the next step's collectives alone and hang there)."""
         step, self._pending = self._pending, None
+        error = None
         try:
             self._mngr.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - whatever failed, the step is not on disk
             log.debug("background save of step %d failed", step, exc_info=True)
-            raise self._write_error(f"checkpoint step {step} could not be written to {self.directory}", e) from None
+            error = e
+        if any_process(error is not None):
+            raise self._write_error(f"checkpoint step {step} could not be written to {self.directory}",
+                                    error or RuntimeError("another process could not write its part")) from None
         if step is None:
             return
         if self._primary:
             try:
                 integrity.write_manifest(self.step_dir(step))
             except OSError as e:
-                raise self._write_error(f"checkpoint step {step}: its integrity manifest could not be written "
-                                        f"to {self.directory}", e) from None
+                error = e
+        if any_process(error is not None):
+            raise self._write_error(f"checkpoint step {step}: its integrity manifest could not be written "
+                                    f"to {self.directory}", error or RuntimeError("process 0 failed")) from None
         self.last_verified_step = step
 
     def _poll(self) -> None:
-        if self._pending is not None and not self._mngr.is_saving_in_progress():
+        """Called every step: once the in-flight save is done on every process, hash it (or
+        report its failure). One allgather per step while a save is in flight."""
+        if self._pending is not None and not any_process(self._mngr.is_saving_in_progress()):
             self._finish_pending()
 
     # ---------------------------------------------------------------------------------------
