@@ -191,8 +191,7 @@ def _kill_during_the_second_save(d, delay):
     p.wait()
 
 
-@pytest.mark.parametrize("delay", [0.0, pytest.param(0.05, marks=pytest.mark.slow),
-                                   pytest.param(0.2, marks=pytest.mark.slow), pytest.param(1.0, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("delay", [0.0, *(pytest.param(t, marks=pytest.mark.slow) for t in (0.05, 0.2, 1.0))])
 def test_sigkill_during_a_save_restores_a_whole_verified_step(tmp_path, caplog, delay):
     d = str(tmp_path / "ck")
     _kill_during_the_second_save(d, delay)
