@@ -75,7 +75,7 @@ def _with_splits(docs: list[Doc], val_fraction: float) -> list[Doc]:
 # The corpora
 
 
-def list_pg19(src: str) -> list[Doc]:
+def list_pg19(src: str, skipped: fs.Skipped | None = None) -> list[Doc]:
     _require_dir("pg19", src)
     docs = []
     for split in PG19_SPLITS:
@@ -85,7 +85,7 @@ def list_pg19(src: str) -> list[Doc]:
                 raise DataError(f"corpus 'pg19': {src} has no train/ folder "
                                 "(expected train/, validation/, test/ of <id>.txt and metadata.csv)")
             continue
-        for rel, size in fs.list_files(folder, (".txt",)):
+        for rel, size in fs.list_files(folder, (".txt",), skipped):
             docs.append(Doc(f"{split}/{rel}", split, (fs.join(folder, rel),), max(size, 1)))
     return docs
 
@@ -105,15 +105,17 @@ def source_id(corpus: str, src: str | None) -> str:
     return ""
 
 
-def list_stdlib(src: str | None, val_fraction: float) -> list[Doc]:
+def list_stdlib(src: str | None, val_fraction: float, skipped: fs.Skipped | None = None) -> list[Doc]:
     """One document per directory of the standard library that holds .py files (third-party
     site-packages excluded), its files in sorted order, each preceded by a '# file:' line."""
     src = src or default_stdlib_src()
     _require_dir("stdlib", src)
     by_dir: dict[str, list[tuple[str, int]]] = {}
-    for rel, size in fs.list_files(src, (".py",)):
+    for rel, size in fs.list_files(src, (".py",), skipped):
         parts = rel.split("/")
         if any(p in ("site-packages", "dist-packages", "__pycache__") for p in parts[:-1]):
+            if skipped is not None:
+                skipped.add("files of installed packages (site-packages, not the standard library)", rel)
             continue
         by_dir.setdefault("/".join(parts[:-1]) or ".", []).append((rel, size))
     docs = [Doc(d, "", tuple(fs.join(src, r) for r, _ in files), max(1, sum(s for _, s in files)),
@@ -155,7 +157,8 @@ def unpack_shakespeare(tarball: str, dest: str) -> str:
     return dest
 
 
-def list_shakespeare(src: str | None, cache: str, val_fraction: float) -> list[Doc]:
+def list_shakespeare(src: str | None, cache: str, val_fraction: float,
+                     skipped: fs.Skipped | None = None) -> list[Doc]:
     if src is None:
         src = fetch_shakespeare(cache)
     elif src.endswith((".tar.gz", ".tgz")):
@@ -166,21 +169,23 @@ def list_shakespeare(src: str | None, cache: str, val_fraction: float) -> list[D
         folder = fs.join(src, d)
         if fs.exists(folder):
             docs += [Doc(f"{d}/{rel}", "", (fs.join(folder, rel),), max(size, 1))
-                     for rel, size in fs.list_files(folder, (".txt",)) if rel != "metadata.txt"]
+                     for rel, size in fs.list_files(folder, (".txt",), skipped) if rel != "metadata.txt"]
     if not docs:
         raise DataError(f"corpus 'shakespeare': {src} holds no {' or '.join(_SHAKESPEARE_DIRS)} texts")
     return _with_splits(docs, val_fraction)
 
 
-def list_text(src: str, val_fraction: float) -> list[Doc]:
+def list_text(src: str, val_fraction: float, skipped: fs.Skipped | None = None) -> list[Doc]:
     _require_dir("text", src)
-    docs = [Doc(rel, "", (fs.join(src, rel),), max(size, 1)) for rel, size in fs.list_files(src, (".txt",))]
+    docs = [Doc(rel, "", (fs.join(src, rel),), max(size, 1)) for rel, size in fs.list_files(src, (".txt",), skipped)]
     return _with_splits(docs, val_fraction)
 
 
-def list_jsonl(src: str, val_fraction: float, text_field: str) -> list[Doc]:
-    """One document per non-blank line. Every line is checked here, so a bad line is reported
-    (file:line) before any tokenizing starts; the text is read again when tokenized."""
+def list_jsonl(src: str, val_fraction: float, text_field: str, skipped: fs.Skipped | None = None) -> list[Doc]:
+    """One document per non-blank line. Every line is checked here, before any tokenizing
+    starts: a line that is not a JSON object with a string `text_field` is skipped and counted
+    in `skipped` with its file:line and why (the prepare report lists them); the text of the
+    good lines is read again when tokenized."""
     if not src:
         raise DataError("corpus 'jsonl': no source given (data.src / --src)")
     if not fs.exists(src) or fs.is_dir(src):
@@ -191,32 +196,42 @@ def list_jsonl(src: str, val_fraction: float, text_field: str) -> list[Doc]:
     for lineno, raw in enumerate(data.splitlines(keepends=True), start=1):
         if raw.strip():
             doc = Doc(f"{base}:{lineno:09d}", "", (src,), len(raw), (), (offset, lineno))
-            _parse_jsonl_line(doc, raw, text_field)
-            docs.append(doc)
+            try:
+                _parse_jsonl_line(doc, raw, text_field)
+            except DataError as e:
+                if skipped is None:
+                    raise
+                skipped.add("bad JSONL lines", str(e))
+            else:
+                docs.append(doc)
         offset += len(raw)
     return _with_splits(docs, val_fraction)
 
 
 def list_documents(corpus: str, src: str | None, *, cache: str, val_fraction: float,
-                   text_field: str = "text") -> list[Doc]:
-    """Every document of the corpus with its split, sorted by name (the doc id order)."""
+                   text_field: str = "text", skipped: fs.Skipped | None = None) -> list[Doc]:
+    """Every document of the corpus with its split, sorted by name (the doc id order). What the
+    listing leaves out (other extensions, symlink loops, special files, bad JSONL lines) is
+    counted in `skipped`; with none, a bad JSONL line is refused (DataError naming file:line)."""
+    counted = skipped if skipped is not None else fs.Skipped()
     if corpus not in CORPORA:
         raise DataError(f"corpus '{corpus}': unknown; allowed: {', '.join(CORPORA)}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
     if corpus == "pg19":
-        docs = list_pg19(src)
+        docs = list_pg19(src, counted)
     elif corpus == "stdlib":
-        docs = list_stdlib(src, val_fraction)
+        docs = list_stdlib(src, val_fraction, counted)
     elif corpus == "shakespeare":
-        docs = list_shakespeare(src, cache, val_fraction)
+        docs = list_shakespeare(src, cache, val_fraction, counted)
     elif corpus == "text":
-        docs = list_text(src, val_fraction)
+        docs = list_text(src, val_fraction, counted)
     else:
-        docs = list_jsonl(src, val_fraction, text_field)
+        docs = list_jsonl(src, val_fraction, text_field, skipped)
     if not docs:
         where = src or "(default source)"
-        raise DataError(f"corpus '{corpus}': {where} holds no documents")
+        left = f" (skipped: {counted.describe()})" if counted.total() else ""
+        raise DataError(f"corpus '{corpus}': {where} holds no documents{left}")
     return sorted(docs, key=lambda d: d.name)
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_pipelines import corpora
+from data_pipelines import corpora, fs
 from data_pipelines.errors import DataError
 from data_pipelines.tokenizer import EOT, cache_root, get_tokenizer, tokenizer_id
 
@@ -243,7 +243,7 @@ def _remove_stale(out: str, tasks: list[ShardTask]) -> None:
 
 
 def _assemble(out: str, corpus: str, source: str, options: dict, tasks: list[ShardTask],
-              sidecars: list[dict]) -> dict:
+              sidecars: list[dict], skipped: fs.Skipped | None = None) -> dict:
     splits, tsv = {}, ["doc_id\tsplit\ttokens\treplaced\tname"]
     empty_names, replaced_names = [], []
     n_empty = n_replaced_docs = n_replaced = 0
@@ -295,6 +295,8 @@ def _assemble(out: str, corpus: str, source: str, options: dict, tasks: list[Sha
             "documents_with_invalid_utf8": n_replaced_docs,
             "invalid_utf8_sequences_replaced": n_replaced,
             "invalid_utf8_document_names": sorted(replaced_names)[:_LIST_LIMIT],
+            # left out while listing: {reason: {"count", "examples"}} (fs.list_files, bad JSONL lines)
+            "skipped": skipped.as_dict() if skipped is not None else {},
         },
         "index_sha256": index_sha,
     }
@@ -313,7 +315,9 @@ def prepare(corpus: str, src: str | None, out: str, *, num_shards: int = 8, work
     out = os.path.abspath(os.path.expanduser(out))
     source = corpora.source_id(corpus, src)
     src = source if src else None
-    docs = corpora.list_documents(corpus, src, cache=cache, val_fraction=val_fraction, text_field=text_field)
+    skipped = fs.Skipped()
+    docs = corpora.list_documents(corpus, src, cache=cache, val_fraction=val_fraction, text_field=text_field,
+                                  skipped=skipped)
     _check_out_dir(out)
     for sub in ("shards", "index"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
@@ -334,7 +338,11 @@ def prepare(corpus: str, src: str | None, out: str, *, num_shards: int = 8, work
         sidecars = [sc if sc is not None else next(results) for sc in sidecars]
     _remove_stale(out, tasks)
     options = {"val_fraction": val_fraction, "text_field": text_field, "num_shards": num_shards}
-    manifest = _assemble(out, corpus, source, options, tasks, sidecars)
+    manifest = _assemble(out, corpus, source, options, tasks, sidecars, skipped)
+    if not manifest["documents"]:  # every listed document was empty: nothing to train on
+        n = manifest["bad_input"]["empty_documents"]
+        raise DataError(f"corpus '{corpus}': {source or src}: no document has any text ({n} empty"
+                        + (f"; skipped: {skipped.describe()}" if skipped.total() else "") + ")")
     _write_atomic(os.path.join(out, "manifest.json"), _dumps(manifest))
     return manifest
 
@@ -351,4 +359,9 @@ def summary(manifest: dict, out: str) -> str:
                     if bad["empty_documents"] else ""))
     lines.append(f"  documents with invalid UTF-8 (decoded with replacement): {bad['documents_with_invalid_utf8']}"
                  f" ({bad['invalid_utf8_sequences_replaced']} byte sequences replaced)")
+    skipped = bad.get("skipped") or {}  # manifests written before skip counts have none
+    lines.append(f"  skipped while listing: {sum(r['count'] for r in skipped.values())}")
+    for reason, r in skipped.items():
+        more = ", ..." if r["count"] > len(r["examples"]) else ""
+        lines.append(f"    {reason}: {r['count']} ({', '.join(r['examples'])}{more})")
     return "\n".join(lines)

@@ -17,13 +17,15 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from bst_dist.train.checkpoint import (
+    FORMAT_VERSION,
     Checkpointer,
     IncompatibleCheckpoint,
     NoReadableCheckpoint,
     abstract_tree,
     check_compatible,
 )
-from bst_dist.train.preemption import PREEMPTED_EXIT_CODE, PreemptionGuard, any_process
+from bst_dist.train import integrity
+from bst_dist.train.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, PreemptionGuard, any_process
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -113,7 +115,7 @@ def test_save_on_8_restore_on_222_reshards_and_repositions_data(tmp_path):
     state2, cache2, meta, step = ck.restore(abstract_state=abstract_state, abstract_cache=abstract_cache,
                                             data_iter=fresh)
     assert step == 4 and meta["step"] == 4 and meta["tokens_seen"] == 1234
-    assert meta["schema_version"] >= 1 and meta["code_version"]
+    assert meta["format_version"] == FORMAT_VERSION and meta["code_version"]
     _assert_equal_trees(state2, expected_state)
     _assert_equal_trees(cache2, expected_cache)
     assert isinstance(state2["params"], nnx.State)
@@ -205,6 +207,7 @@ def test_missing_cache_is_refused_and_other_process_counts_restore(tmp_path):
     ck.close()
     data_dir = os.path.join(directory, "1", "data")
     os.rename(os.path.join(data_dir, "process_0-of-1.json"), os.path.join(data_dir, "process_0-of-2.json"))
+    integrity.write_manifest(os.path.join(directory, "1"))  # as a 2-process run would have written it
     # the lane loader's files hold every lane: a position written by 2 processes restores here
     ck = Checkpointer(directory, every=1, keep_last=1)
     it = _iterator(0)
@@ -245,5 +248,15 @@ def test_preemption_guard_turns_sigterm_into_a_flag():
         os.kill(os.getpid(), signal.SIGTERM)
         assert guard.requested and any_process(guard.requested)
     assert signal.getsignal(signal.SIGTERM) is before
-    assert PREEMPTED_EXIT_CODE == 128 + signal.SIGTERM
+    assert PREEMPTED_EXIT_CODE == 128 + signal.SIGTERM and guard.exit_code == PREEMPTED_EXIT_CODE
     assert not any_process(False)
+
+
+def test_preemption_guard_turns_ctrl_c_into_a_flag_and_a_second_one_interrupts():
+    before = signal.getsignal(signal.SIGINT)
+    with PreemptionGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: the step finishes, then a checkpoint
+        assert guard.requested and guard.exit_code == INTERRUPTED_EXIT_CODE == 128 + signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the previous handler: stop at once
+    assert signal.getsignal(signal.SIGINT) is before

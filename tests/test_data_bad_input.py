@@ -10,7 +10,7 @@ import pytest
 from conftest_data import data_cache, data_cfg, synth_text  # noqa: F401  (fixtures)
 
 from bst_dist.commands import main as cli
-from data_pipelines import ensure_prepared, iter_documents, make_loader
+from data_pipelines import corpora, ensure_prepared, iter_documents, make_loader
 from data_pipelines.errors import DataError
 from data_pipelines.shards import prepare, summary
 from data_pipelines.tokenizer import get_tokenizer
@@ -79,14 +79,74 @@ def test_missing_or_empty_sources(tmp_path, data_cache):
         prepare("wiki", str(tmp_path), str(tmp_path / "o5"), **kw)
 
 
-def test_bad_jsonl_line_names_file_and_line(tmp_path, data_cache):
+def test_bad_jsonl_lines_are_skipped_counted_and_named_by_file_and_line(tmp_path, data_cache):
     src = tmp_path / "c.jsonl"
-    src.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": broken\n{"body": "x"}\n')
+    src.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": broken\n{"body": "x"}\n'
+                   '[1, 2]\n{"text": 7}\n\n{"text": "last"}\n')
+    out = str(tmp_path / "o")
+    m = prepare("jsonl", str(src), out, num_shards=1, workers=1, val_fraction=0.0, cache_dir=data_cache,
+                progress=False)
+    assert m["documents"] == 3  # lines 1, 2 and 8; the blank line 7 is no document
+    bad = m["bad_input"]["skipped"]["bad JSONL lines"]
+    assert bad["count"] == 4
+    assert [e.split(": ", 1)[0] for e in bad["examples"]] == [f"{src}:3", f"{src}:4", f"{src}:5", f"{src}:6"]
+    assert "not valid JSON" in bad["examples"][0] and "no 'text' field" in bad["examples"][1]
+    assert "field 'text' is int, not a string" in bad["examples"][3]
+    assert f"bad JSONL lines: 4 ({src}:3: not valid JSON" in summary(m, out)
+    texts = sorted(get_tokenizer(data_cache).decode(t[1:].tolist()) for _, t in iter_documents(out, "train"))
+    assert texts == ["also fine", "fine", "last"]
+    # without a collector (a caller of list_documents of its own) a bad line is still refused
     with pytest.raises(DataError, match=r"c.jsonl:3: not valid JSON"):
+        corpora.list_documents("jsonl", str(src), cache=data_cache, val_fraction=0.0)
+
+
+def test_only_bad_jsonl_lines_is_an_empty_corpus(tmp_path, data_cache):
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"body": "x"}\nnot json\n')
+    with pytest.raises(DataError) as e:
         prepare("jsonl", str(src), str(tmp_path / "o"), num_shards=1, workers=1, cache_dir=data_cache, progress=False)
-    src.write_text('{"text": "fine"}\n{"body": "x"}\n')
-    with pytest.raises(DataError, match=r"c.jsonl:2: no 'text' field"):
-        prepare("jsonl", str(src), str(tmp_path / "o"), num_shards=1, workers=1, cache_dir=data_cache, progress=False)
+    assert str(e.value) == f"corpus 'jsonl': {src} holds no documents (skipped: 2 bad JSONL lines)"
+
+
+def test_corpus_walk_skips_and_counts_links_loops_and_special_files(tmp_path, data_cache):
+    src = tmp_path / "walk"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text(synth_text(1, 40))
+    (src / "B.TXT").write_text(synth_text(2, 40))  # the extension is case-insensitive
+    (src / "sub" / "c.Txt").write_text(synth_text(3, 40))
+    (src / "notes.md").write_text("not a .txt")
+    (src / "sub" / "loop").symlink_to(src, target_is_directory=True)  # walking it would never end
+    (src / "again").symlink_to(src / "sub", target_is_directory=True)  # sub/ a second time
+    (src / "broken.txt").symlink_to(tmp_path / "gone.txt")
+    (src / "linked.txt").symlink_to(src / "a.txt")  # a link to a file is that file
+    os.mkfifo(src / "pipe.txt")  # reading it would block for ever
+    out = str(tmp_path / "o")
+    m = prepare("text", str(src), out, num_shards=1, workers=1, val_fraction=0.0, cache_dir=data_cache,
+                progress=False)
+    names = sorted(line.split("\t")[-1] for line in open(os.path.join(out, "documents.tsv")).read().splitlines()[1:])
+    assert names == ["B.TXT", "a.txt", "linked.txt", "sub/c.Txt"]
+    skipped = {k: (v["count"], v["examples"]) for k, v in m["bad_input"]["skipped"].items()}
+    assert skipped == {"broken symlinks": (1, ["broken.txt"]),
+                       "files not ending in .txt": (1, ["notes.md"]),
+                       "folders reached again through a symlink": (1, ["again"]),
+                       "special files (not regular files)": (1, ["pipe.txt"]),
+                       "symlink loops": (1, ["sub/loop"])}, skipped
+    text = summary(m, out)
+    assert "skipped while listing: 5" in text and "symlink loops: 1 (sub/loop)" in text
+
+
+def test_a_corpus_of_empty_files_is_refused_at_prepare_time(tmp_path, data_cache):
+    src = tmp_path / "blank"
+    src.mkdir()
+    (src / "a.txt").write_text("")
+    (src / "b.txt").write_bytes(b"")
+    (src / "c.json").write_text("{}")
+    out = tmp_path / "o"
+    with pytest.raises(DataError) as e:
+        prepare("text", str(src), str(out), num_shards=1, workers=1, cache_dir=data_cache, progress=False)
+    assert str(e.value) == (f"corpus 'text': {src}: no document has any text (2 empty; skipped: "
+                            "1 files not ending in .txt)")
+    assert not (out / "manifest.json").exists()  # not a prepared folder a loader would open
 
 
 def test_out_dir_that_is_not_ours_is_refused(tmp_path, data_cache, messy):

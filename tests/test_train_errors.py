@@ -3,6 +3,9 @@ Grain loader on the stdlib corpus, real training, in this process with its 8 fak
 
 * bad job values (mesh vs device count, batch vs data-parallel size, grad_accum) are refused with a
   one-line ConfigError before anything is compiled or written;
+* a checkpoint location that cannot be written is refused at start in one line, and a save that
+  fails later (a full disk) stops the run in one line naming the last good checkpoint; Ctrl-C
+  saves a checkpoint like SIGTERM and exits 130;
 * a checkpoint whose model shape, L, W or global batch differ from the job is refused
   (IncompatibleCheckpoint naming the key), also before anything is compiled, and without touching
   the run directory's job.yaml;
@@ -12,12 +15,15 @@ Grain loader on the stdlib corpus, real training, in this process with its 8 fak
   advances the cache and counts the step; too many in a row stop the run with a checkpoint.
 """
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -29,7 +35,7 @@ from bst_dist.train.checkpoint import IncompatibleCheckpoint
 from bst_dist.train.loop import TrainingError
 from data_pipelines.loader import LaneLoader
 from train_utils import (REFERENCE_JOB, REPO, CompileCounter, checkpoint_steps, digest, job_dict, losses_of, make_cfg,
-                         metrics_lines, read_checkpoint, train_in_process)
+                         metrics_lines, read_checkpoint, tmpfs, train_in_process)
 
 JOB = REFERENCE_JOB  # the job of the shared uninterrupted run (conftest.py: tiny_reference)
 N = JOB["train"]["steps"]  # 6; checkpoints 2, 4, 6
@@ -82,6 +88,127 @@ def test_cli_reports_a_bad_mesh_in_one_line(tmp_path):
                                                  "does not match the 8 devices present; use -1 on one axis to fill")
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint locations that cannot be written
+
+# jobs/local_tiny.yaml made tiny: one checkpoint is about 20 MB (the GPT-2 embedding and its Adam moments)
+TINY_OVERRIDES = ["model.d_model=32", "model.num_heads=2", "model.head_dim=16", "model.mlp_dim=64",
+                  "model.num_layers=2", "model.seq_len=64", "model.block_len=16", "model.bst.state_size=8",
+                  "train.log_every=1"]
+
+
+def _local_tiny(run_dir, ckpt_dir, *sets: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess, float]:
+    args = [os.path.join(REPO, "jobs", "local_tiny.yaml"), "--set", f"train.run_dir={run_dir}",
+            "--set", f"checkpoint.dir={ckpt_dir}"]
+    for kv in [*TINY_OVERRIDES, *sets]:
+        args += ["--set", kv]
+    t0 = time.monotonic()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=REPO)
+    p = subprocess.run([sys.executable, "-m", "bst_dist", "train", "--no-ray", *args], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=timeout, check=False)
+    return p, time.monotonic() - t0
+
+
+@contextlib.contextmanager
+def _read_only_dir(tmp_path):
+    """A directory this process cannot write: chmod 555 for a normal user; as root (whom chmod does
+    not stop) a read-only tmpfs, else a path under a regular file."""
+    d = tmp_path / "ro"
+    if os.geteuid() != 0:
+        d.mkdir()
+        d.chmod(0o555)
+        try:
+            yield str(d), "Permission denied"
+        finally:
+            d.chmod(0o755)
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            yield stack.enter_context(tmpfs(d, "1m", read_only=True)), "Read-only file system"
+            return
+        except pytest.skip.Exception:
+            pass
+        (tmp_path / "file").write_text("x")
+        yield str(tmp_path / "file" / "ck"), "Not a directory"
+
+
+def test_cli_reports_an_unwritable_checkpoint_dir_at_start_in_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    with _read_only_dir(tmp_path) as (ckpt_dir, cause):
+        p, took = _local_tiny(run_dir, ckpt_dir)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == (f"bst-dist train: error: checkpoint.dir {ckpt_dir} is not writable "
+                                                 f"({cause}); choose a writable checkpoint.dir")
+    assert "Traceback" not in p.stderr and "step 1/" not in p.stdout + p.stderr  # before any step
+    assert took < 120, took  # no hang
+    assert not (run_dir / "run.lock").exists()
+
+
+def test_a_run_dir_that_cannot_be_created_is_refused_before_compiling(tmp_path):
+    from bst_dist.errors import UserError
+    from bst_dist.train.loop import train
+
+    (tmp_path / "file").write_text("x")
+    run_dir = tmp_path / "file" / "run"
+    with CompileCounter() as compiles, pytest.raises(UserError) as e:
+        train(make_cfg(JOB, run_dir))
+    assert str(e.value) == (f"train.run_dir {run_dir} is not writable (Not a directory); "
+                            "choose a writable train.run_dir")
+    assert compiles.count == 0
+
+
+@pytest.mark.slow
+def test_cli_stops_at_a_save_that_fails_on_a_full_disk(tmp_path):
+    """A 30 MB checkpoint location takes the step-2 checkpoint, not step 4's: the run stops right
+    after, in one line naming the last good step, and a rerun with room resumes from it."""
+    run_dir = tmp_path / "run"
+    with tmpfs(tmp_path / "ck", "30m") as ckpt_dir:
+        p, took = _local_tiny(run_dir, ckpt_dir, "train.steps=12", "checkpoint.every=2", "checkpoint.keep_last=1")
+        assert p.returncode == 2, p.stderr[-3000:]
+        assert p.stderr.strip().splitlines()[-1] == (
+            f"bst-dist train: error: checkpoint step 4 could not be written to {ckpt_dir} (No space left on "
+            "device); the run stops; the last good checkpoint is step 2")
+        assert "Traceback" not in p.stderr, p.stderr[-3000:]
+        steps = [json.loads(line)["step"] for line in metrics_lines(str(run_dir))]
+        assert 4 <= steps[-1] <= 8, steps  # found within a few steps of the failed save, not at the end
+        assert not (run_dir / "run.lock").exists()
+        kept = sorted(os.listdir(ckpt_dir))
+        assert "2" in kept and "4" not in kept, kept
+        shutil.copytree(ckpt_dir, tmp_path / "roomy")
+    p, _ = _local_tiny(run_dir, tmp_path / "roomy", "train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stderr and "step 2" in p.stderr
+
+
+@pytest.mark.slow  # one training compile; test_checkpoint.py sends a real SIGINT to the guard in the default suite
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+    run_dir, ckpt_dir = tmp_path / "run", tmp_path / "ck"
+    args = [os.path.join(REPO, "jobs", "local_tiny.yaml"), "--set", f"train.run_dir={run_dir}",
+            "--set", f"checkpoint.dir={ckpt_dir}", "--set", "train.steps=200", "--set", "checkpoint.every=100"]
+    for kv in TINY_OVERRIDES:
+        args += ["--set", kv]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=REPO)
+    p = subprocess.Popen([sys.executable, "-m", "bst_dist", "train", "--no-ray", *args], env=env, cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while len(metrics_lines(str(run_dir))) < 2:
+        assert p.poll() is None and time.monotonic() < deadline, p.stdout.read()[-3000:]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    saved = [line for line in out.splitlines() if "interrupted: saved step" in line]
+    assert len(saved) == 1, out[-3000:]
+    step = int(saved[0].split("saved step ")[1].split(";")[0])
+    assert step >= 2 and sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) == [step]
+    assert (ckpt_dir / str(step) / "integrity.json").exists()  # complete and verified, not half-written
+    assert [json.loads(line)["step"] for line in metrics_lines(str(run_dir))][-1] == step
+    assert not (run_dir / "run.lock").exists()
 
 
 # --------------------------------------------------------------------------------------------

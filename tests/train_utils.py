@@ -274,3 +274,29 @@ def model_params(cfg, saved_params):
     want = jax.tree.leaves(abstract)
     assert [x.shape for x in leaves] == [x.shape for x in want], "checkpoint and model differ"
     return graphdef, jax.tree.unflatten(jax.tree.structure(abstract), leaves)
+
+
+# --------------------------------------------------------------------------------------------
+# Unwritable and full locations
+
+
+def tmpfs(path, size: str, *, read_only: bool = False):
+    """Mount a tmpfs of `size` on `path` (a context manager); pytest.skip where mounting is not
+    allowed (not root, or no mount privilege in this container)."""
+    import contextlib
+
+    import pytest
+
+    @contextlib.contextmanager
+    def mounted():
+        os.makedirs(path, exist_ok=True)
+        opts = f"size={size}" + (",ro" if read_only else "")
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+        if p.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip() or p.returncode})")
+        try:
+            yield str(path)
+        finally:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+    return mounted()

@@ -2,7 +2,7 @@
 under Ray Train (bst_dist.launch.train). With no address (--address, $RAY_ADDRESS, ray.address) it
 starts an embedded Ray bound to 127.0.0.1 and stops it afterwards; rerunning resumes from the
 newest checkpoint. Exit status: 0 done, 1 training failed (cause on stderr), 2 bad job or
-arguments, 143 stopped by SIGTERM after a final checkpoint (--no-ray)."""
+arguments, 143 stopped by SIGTERM and 130 by Ctrl-C, each after a final checkpoint (--no-ray)."""
 
 from __future__ import annotations
 

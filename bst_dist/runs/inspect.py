@@ -82,6 +82,9 @@ def inspect_run(run_dir: str) -> dict:
     out = {"run_dir": run_dir, "name": job.get("name"), "checkpoint_dir": ckpt_dir, "steps": complete,
            "half_written": partial}
     if complete:
+        from bst_dist.train.checkpoint import format_version  # jax and Orbax only when there is a step
+        from bst_dist.train.integrity import MANIFEST
+
         step_dir = os.path.join(ckpt_dir, str(complete[-1]))
         meta_file = os.path.join(step_dir, "meta", "metadata")
         meta = _read_json(meta_file) if os.path.exists(meta_file) else {}
@@ -89,7 +92,8 @@ def inspect_run(run_dir: str) -> dict:
         params = [a for a in state if a["path"].startswith("params/")]
         out["newest"] = {
             "step": meta.get("step", complete[-1]), "tokens_seen": meta.get("tokens_seen"),
-            "code_version": meta.get("code_version"), "schema_version": meta.get("schema_version"),
+            "code_version": meta.get("code_version"), "format_version": format_version(meta),
+            "verified": os.path.exists(os.path.join(step_dir, MANIFEST)),
             "parameters": sum(_prod(a["shape"]) for a in params),
             "mesh": params[0]["mesh"] if params else None,
             "params": params, "cache": _arrays(os.path.join(step_dir, "cache")),
@@ -122,7 +126,8 @@ def format_inspection(d: dict) -> str:
     n = d.get("newest")
     if n:
         lines.append(f"  newest: step {n['step']}, tokens seen {n['tokens_seen']:,}, code {n['code_version']}, "
-                     f"schema {n['schema_version']}, {n['parameters']:,} parameters on mesh {n['mesh']}")
+                     f"format {n['format_version']}{'' if n['verified'] else ' (no integrity manifest)'}, "
+                     f"{n['parameters']:,} parameters on mesh {n['mesh']}")
         data = n.get("data")
         if data:
             lines.append(f"  data: {data['lanes']} lanes of the {data['split']} split at step {data['step']} "

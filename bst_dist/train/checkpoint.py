@@ -10,13 +10,25 @@ One step directory holds four items:
   (data_pipelines.checkpoint LaneSave/LaneRestore): one `process_<i>-of-<n>.json` per process,
   each holding every lane, so any process count restores it;
 * `meta`: JSON: the caller's dict (the resolved job config under "config", "tokens_seen", ...)
-  plus "step", "schema_version" and "code_version".
+  plus "step", "format_version" and "code_version".
 
 Orbax writes a step into a temporary directory and renames it when every item is complete, so a
 half-written step (a kill during an async save) is never listed, never restored, and cleaned up
-on the next start. A step whose files are damaged later (truncated copy, bad disk) is detected
-at restore: `restore(step=None)` logs "checkpoint step N is unreadable (...); falling back to
-step M" and tries the previous one.
+on the next start. Once a step is complete the primary process writes `integrity.json`, the
+size and sha256 of every file of the step (bst_dist.train.integrity), as its last file. A
+restore checks the step against it first, so a damaged step (flipped bytes, a truncated copy, a
+deleted item, a save killed before its manifest) is never restored: `restore(step=None)` logs
+one line, "checkpoint step N is unreadable (<cause>); falling back to step M", and tries the
+previous one. Retention never deletes the newest verified step (written and hashed by this run,
+or restored and checked), whatever `keep_last` says.
+
+Format versions (meta "format_version"): 1, written before integrity manifests (its meta has
+"schema_version": 1), restores unverified with one warning and is replaced by format 2 at the
+next save; 2, the current one. A newer version than this code knows is refused in one line.
+
+A save that fails (a full disk, a location that became unwritable) raises CheckpointWriteError
+at the first `save` call after it failed (the loop calls `save` every step), naming the last
+verified step; `check_writable()` finds an unwritable location before the first step.
 
 Multi-process: every JAX process must construct the Checkpointer and call `save`, `restore`,
 `read_meta`, `wait` and `close` in the same order with the same steps: Orbax saves and restores
@@ -26,8 +38,14 @@ with a local path, NFS, or `gs://bucket/...` (Orbax goes through etils epath).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
+import socket
+import sys
+import threading
+import uuid
 from typing import Any
 
 import jax
@@ -36,13 +54,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import bst_dist
 from bst_dist.errors import UserError
+from bst_dist.train import integrity
 from bst_dist.train.preemption import any_process
 from data_pipelines.checkpoint import LaneRestore, LaneSave
 
 log = logging.getLogger(__name__)
 
-# Bump when the layout of `state`, `cache`, `data` or `meta` changes incompatibly.
-SCHEMA_VERSION = 1
+# Bump when the layout of `state`, `cache`, `data` or `meta` changes; say in `_migrate` how an
+# older step is read (or refused with the way to convert it).
+FORMAT_VERSION = 2
 
 # Model keys that may change between a checkpoint and the job that resumes it: they change
 # neither a parameter shape nor the cache layout.
@@ -58,6 +78,114 @@ class IncompatibleCheckpoint(UserError, ValueError):
 
 class NoReadableCheckpoint(UserError, RuntimeError):
     """Every candidate checkpoint failed to restore."""
+
+
+class CheckpointWriteError(UserError, RuntimeError):
+    """The checkpoint location cannot be written, or a save failed; one line naming the last
+    good step. The run must stop: going on would train steps that are never saved."""
+
+
+def format_version(meta: dict) -> int:
+    """The checkpoint format of a step's meta: steps written before format versions carry
+    "schema_version": 1 and no integrity manifest (format 1)."""
+    return int(meta.get("format_version", 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Library noise: Orbax and Grain log their own tracebacks (through absl) for failures that we
+# catch and report in one line. While a Checkpointer is open those records go to a log file
+# beside the checkpoints, never to the console. After a failed save, Orbax's background writes
+# keep failing (a thread's error, asyncio's "exception was never retrieved" when their futures
+# are collected at exit) after the Checkpointer closed: then the filter stays, so the one-line
+# report is the last thing on the console.
+
+_noise_lock = threading.Lock()
+_noise_files: list[str] = []
+_after_failure: list[str] = []  # the log file of a Checkpointer closed after a failed save
+
+
+def _from_library(record: logging.LogRecord) -> bool:
+    def ours(path: str) -> bool:
+        path = path.replace(os.sep, "/")
+        return any(f"/{lib}/" in path for lib in ("orbax", "grain", "tensorstore"))
+
+    if ours(record.pathname):
+        return True
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:  # asyncio reporting an uncollected Orbax future
+        if ours(tb.tb_frame.f_code.co_filename):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _LibraryNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not _from_library(record):
+            return True
+        with _noise_lock:
+            target = _noise_files[-1] if _noise_files else (_after_failure[-1] if _after_failure else None)
+        if target:
+            try:
+                with open(target, "a") as f:
+                    f.write(logging.Formatter("%(asctime)s %(levelname)s %(pathname)s:%(lineno)d "
+                                              "%(message)s").format(record) + "\n")
+            except OSError:
+                pass
+        return False
+
+
+_NOISE_FILTER = _LibraryNoise()
+_NOISY_LOGGERS = ("absl", "asyncio")
+_previous_unraisable: list = []
+
+
+def _unraisable(u) -> None:
+    """Tensorstore's callbacks for a failed read or write, aimed at the asyncio loop Orbax has
+    already closed, raise "Event loop is closed" where nobody catches it: to the log file."""
+    tb, noise = u.exc_traceback, False
+    while tb is not None and not noise:
+        noise = tb.tb_frame.f_code.co_filename.replace(os.sep, "/").endswith("asyncio/base_events.py")
+        tb = tb.tb_next
+    if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value) and noise:
+        _NOISE_FILTER.filter(logging.LogRecord("asyncio", logging.WARNING, "/tensorstore/", 0,
+                                               "ignored: %s", (u.exc_value,), None))
+        return
+    (_previous_unraisable[-1] if _previous_unraisable else sys.__unraisablehook__)(u)
+
+
+def _quiet_libraries(log_file: str | None) -> None:
+    with _noise_lock:
+        _noise_files.append(log_file or "")
+        if len(_noise_files) == 1 and not _after_failure:
+            for name in _NOISY_LOGGERS:
+                logging.getLogger(name).addFilter(_NOISE_FILTER)
+            if sys.unraisablehook is not _unraisable:
+                _previous_unraisable[:] = [sys.unraisablehook]
+                sys.unraisablehook = _unraisable
+
+
+def _unquiet_libraries(log_file: str | None, *, failed: bool = False) -> None:
+    with _noise_lock:
+        if (log_file or "") in _noise_files:
+            _noise_files.remove(log_file or "")
+        if failed:
+            _after_failure.append(log_file or "")
+        if not _noise_files and not _after_failure:
+            for name in _NOISY_LOGGERS:
+                logging.getLogger(name).removeFilter(_NOISE_FILTER)
+            if sys.unraisablehook is _unraisable and _previous_unraisable:
+                sys.unraisablehook = _previous_unraisable.pop()
+
+
+@dataclasses.dataclass
+class _KeepLastVerified:
+    """Orbax preservation policy: never delete the newest verified step."""
+
+    owner: "Checkpointer"
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        return [c.step == self.owner.last_verified_step for c in checkpoints]
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
@@ -108,10 +236,10 @@ def check_compatible(meta: dict, job_cfg_dict: dict, *, source: str | None = Non
     IncompatibleCheckpoint with one line naming the first difference.
     """
     where = f"checkpoint {source} step {meta.get('step')}" if source else f"checkpoint step {meta.get('step')}"
-    version = meta.get("schema_version", SCHEMA_VERSION)
-    if version > SCHEMA_VERSION:
+    version = format_version(meta)
+    if version > FORMAT_VERSION:
         raise IncompatibleCheckpoint(
-            f"{where} has schema version {version}; this bst_dist reads up to {SCHEMA_VERSION}: upgrade it")
+            f"{where} has format version {version}; this bst_dist reads up to {FORMAT_VERSION}: upgrade it")
     saved_cfg = meta.get("config") or {}
     saved = _flatten(saved_cfg.get("model", {}), "model")
     wanted = _flatten(job_cfg_dict.get("model", {}), "model")
@@ -124,21 +252,63 @@ def check_compatible(meta: dict, job_cfg_dict: dict, *, source: str | None = Non
             raise IncompatibleCheckpoint(f"{where} has {key}={saved[key]}, the job has {want}")
 
 
+def _cause(e: BaseException) -> str:
+    """The short cause of a write error: the OS's words for it when there are some (Orbax wraps
+    tensorstore's errno in a long message), else its first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    m = re.search(r"os_error_code=\W?(\d+)", str(e))
+    return os.strerror(int(m.group(1))) if m else _first_line(e)
+
+
+def check_writable(directory: str) -> None:
+    """Create `directory`, write, read back and delete a probe file in it, so an unwritable or
+    full location is found before the first step (CheckpointWriteError, one line). Every
+    process probes (each writes its own shards)."""
+    from etils import epath
+
+    folder = epath.Path(directory)
+    probe = folder / f".write-probe-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    payload = os.urandom(4096)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(payload)
+        ok = probe.read_bytes() == payload
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointWriteError(f"checkpoint.dir {directory} is not writable ({_cause(e)}); "
+                                   "choose a writable checkpoint.dir") from None
+    if not ok:
+        raise CheckpointWriteError(f"checkpoint.dir {directory}: a probe file read back different "
+                                   "bytes than were written; choose another checkpoint.dir")
+
+
 class Checkpointer:
     """`ocp.CheckpointManager` with the items `state`, `cache`, `data`, `meta` (see module doc).
 
     Keeps the newest `keep_last` steps plus every step that is a multiple of `keep_every`
-    (0: none). With `async_save`, `save` returns once device arrays are copied to host and the
-    data position is captured; files are written in the background (so the caller may donate or
-    overwrite the arrays and advance the iterator right away). The next `save`, `wait` or `close`
-    waits for the previous write.
+    (0: none) plus the newest verified step. With `async_save`, `save` returns once device
+    arrays are copied to host and the data position is captured; files are written in the
+    background (so the caller may donate or overwrite the arrays and advance the iterator right
+    away). Each later `save` call checks whether that write finished (then hashes it, or raises
+    CheckpointWriteError if it failed); the next saving `save`, `wait` or `close` waits for it.
+    `log_file`: where Orbax's and Grain's own messages go while this is open (default:
+    `library.log` in a local checkpoint directory; dropped for object storage).
     """
 
     def __init__(self, directory: str, *, every: int, keep_last: int, keep_every: int = 0,
-                 async_save: bool = True):
+                 async_save: bool = True, log_file: str | None = None):
         if every <= 0 or keep_last <= 0:
             raise ValueError(f"checkpoint: every ({every}) and keep_last ({keep_last}) must be > 0")
-        policies = [ocp.checkpoint_managers.LatestN(keep_last)]
+        self.directory = str(directory)
+        self.every = every
+        self.last_verified_step: int | None = None
+        self._pending: int | None = None  # a saved step whose write (or manifest) is not done
+        self._failed = False  # a save failed: Orbax's leftovers stay off the console (see above)
+        self._primary = jax.process_index() == 0
+        local = "://" not in self.directory
+        self.log_file = log_file or (os.path.join(self.directory, "library.log") if local else None)
+        policies = [ocp.checkpoint_managers.LatestN(keep_last), _KeepLastVerified(self)]
         if keep_every > 0:
             policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
         options = ocp.CheckpointManagerOptions(
@@ -146,9 +316,13 @@ class Checkpointer:
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             cleanup_tmp_directories=True,  # what a killed save left behind
         )
-        self.directory = str(directory)
-        self.every = every
-        self._mngr = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
+        try:
+            self._mngr = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
+        except OSError as e:
+            raise CheckpointWriteError(f"checkpoint.dir {self.directory}: cannot be opened "
+                                       f"({e.strerror or _first_line(e)})") from None
+        _quiet_libraries(self.log_file)
+        self._checked: set[int] = set()  # steps that matched their manifest (hash once)
         # Steps this process wrote or restored. Another step on disk that the run reaches again
         # was left by an earlier run and found unreadable (the restore fell back past it): it is
         # replaced rather than kept, or every later restart would fall back past it again.
@@ -167,6 +341,57 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return step > 0 and step % self.every == 0
 
+    def step_dir(self, step: int):
+        return self._mngr.directory / str(step)
+
+    # ---------------------------------------------------------------------------------------
+    # Writability and failed saves
+
+    def check_writable(self) -> None:
+        """See the module function `check_writable`."""
+        check_writable(self.directory)
+
+    def _last_good(self) -> str:
+        good = self.last_verified_step
+        last = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint was completed"
+        return f"the run stops; {last}"
+
+    def _write_error(self, what: str, e: BaseException) -> CheckpointWriteError:
+        self._failed = True
+        return CheckpointWriteError(f"{what} ({_cause(e)}); {self._last_good()}")
+
+    def _finish_pending(self) -> None:
+        """Wait for the in-flight save, then hash it. Raises CheckpointWriteError if it failed,
+        on every process at once (a collective: a process whose own write succeeded must not go
+        on to the next step's collectives alone and hang there)."""
+        step, self._pending = self._pending, None
+        error = None
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - whatever failed, the step is not on disk
+            log.debug("background save of step %d failed", step, exc_info=True)
+            error = e
+        if any_process(error is not None):
+            raise self._write_error(f"checkpoint step {step} could not be written to {self.directory}",
+                                    error or RuntimeError("another process could not write its part")) from None
+        if step is None:
+            return
+        if self._primary:
+            try:
+                integrity.write_manifest(self.step_dir(step))
+            except OSError as e:
+                error = e
+        if any_process(error is not None):
+            raise self._write_error(f"checkpoint step {step}: its integrity manifest could not be written "
+                                    f"to {self.directory}", error or RuntimeError("process 0 failed")) from None
+        self.last_verified_step = step
+
+    def _poll(self) -> None:
+        """Called every step: once the in-flight save is done on every process, hash it (or
+        report its failure). One allgather per step while a save is in flight."""
+        if self._pending is not None and not any_process(self._mngr.is_saving_in_progress()):
+            self._finish_pending()
+
     # ---------------------------------------------------------------------------------------
     # Save
 
@@ -176,16 +401,21 @@ class Checkpointer:
 
         `state` and `cache` are pytrees of (sharded) jax arrays; `data_iter` a Grain
         DatasetIterator (or anything with get_state() -> bytes / set_state(bytes)).
+        Called every step: it also reports (CheckpointWriteError) a background save that failed.
         """
+        self._poll()
         if not (force or self.should_save(step)):
             return False
+        if self._pending is not None:
+            self._finish_pending()
         if step in self._mngr.all_steps():
             if step in self._known:
                 return False  # e.g. the final save right after the periodic one
             log.warning("replacing checkpoint step %d in %s: an earlier run wrote it and did not "
                         "restore it", step, self.directory)
             self._mngr.delete(step)
-        meta = {**meta, "step": int(step), "schema_version": SCHEMA_VERSION,
+        meta = {k: v for k, v in meta.items() if k != "schema_version"}
+        meta = {**meta, "step": int(step), "format_version": FORMAT_VERSION,
                 "code_version": meta.get("code_version") or bst_dist.__version__}
         items = {
             "state": ocp.args.StandardSave(state),
@@ -194,9 +424,16 @@ class Checkpointer:
         }
         if _has_leaves(cache):
             items["cache"] = ocp.args.StandardSave(cache)
-        saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+        except (OSError, ValueError) as e:
+            log.debug("save of step %d failed", step, exc_info=True)
+            raise self._write_error(f"checkpoint step {step} could not be written to {self.directory}", e) from None
         if saved:
             self._known.add(step)
+            self._pending = step
+            if not self._mngr.is_saving_in_progress():
+                self._finish_pending()  # synchronous save: hash it now
         return bool(saved)
 
     # ---------------------------------------------------------------------------------------
@@ -213,6 +450,32 @@ class Checkpointer:
             raise FileNotFoundError(f"{self.directory}: no checkpoint")
         return steps
 
+    def _verify(self, step: int) -> None:
+        """Raise integrity.CorruptStep unless `step` matches its manifest (every process agrees:
+        the primary checks, the others follow it). A format-1 step has no manifest: it restores
+        unverified, with one warning."""
+        if step in self._checked:
+            return
+        error = None
+        if self._primary and integrity.has_manifest(self.step_dir(step)):
+            try:
+                integrity.verify(self.step_dir(step))
+            except integrity.CorruptStep as e:
+                error = e
+            except OSError as e:
+                error = integrity.CorruptStep(f"cannot be read ({e.strerror or _first_line(e)})")
+        has = integrity.has_manifest(self.step_dir(step))
+        if any_process(error is not None):
+            raise error or integrity.CorruptStep("another process found it damaged")
+        if not has:
+            meta = self._read_meta(step)
+            version = format_version(meta)
+            if version >= 2:
+                raise integrity.CorruptStep(f"no {integrity.MANIFEST} (the save did not finish)")
+            log.warning("checkpoint step %d was written by an older bst_dist (format %d, no checksums): "
+                        "restoring it unverified; the next save writes format %d", step, version, FORMAT_VERSION)
+        self._checked.add(step)
+
     def _with_fallback(self, step: int | None, attempt):
         """Run attempt(s) for the newest step, falling back to older ones when it fails.
 
@@ -226,13 +489,14 @@ class Checkpointer:
             except IncompatibleCheckpoint:
                 raise
             except Exception as e:  # noqa: BLE001 - any read error makes the step unreadable
+                log.debug("checkpoint step %d failed to restore", s, exc_info=True)
                 error = e
             if not any_process(error is not None):
                 return result
             reason = _first_line(error) if error is not None else "another process failed to read it"
             if step is not None:
                 raise NoReadableCheckpoint(
-                    f"checkpoint {self.directory} step {s} is unreadable ({reason})") from error
+                    f"checkpoint {self.directory} step {s} is unreadable ({reason})") from None
             if i + 1 < len(candidates):
                 log.warning("checkpoint step %d is unreadable (%s); falling back to step %d",
                             s, reason, candidates[i + 1])
@@ -240,12 +504,17 @@ class Checkpointer:
                 log.warning("checkpoint step %d is unreadable (%s); no older checkpoint", s, reason)
                 raise NoReadableCheckpoint(
                     f"{self.directory}: no readable checkpoint (tried steps "
-                    f"{', '.join(map(str, candidates))})") from error
+                    f"{', '.join(map(str, candidates))})") from None
         raise AssertionError("unreachable")
 
     def read_meta(self, step: int | None = None) -> dict:
-        """The `meta` JSON of `step` (None: the newest readable one)."""
-        return self._with_fallback(step, self._read_meta)
+        """The `meta` JSON of `step` (None: the newest verified one), migrated to this format."""
+
+        def attempt(s: int) -> dict:
+            self._verify(s)
+            return self._read_meta(s)
+
+        return self._with_fallback(step, attempt)
 
     def _read_meta(self, step: int) -> dict:
         return dict(self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
@@ -256,13 +525,14 @@ class Checkpointer:
 
         `abstract_*` are pytrees of jax.ShapeDtypeStruct whose `sharding` is a NamedSharding on
         the real mesh of this run (see `abstract_tree`): arrays are read and resharded onto it,
-        whatever mesh wrote them. step=None: the newest step that restores, falling back past
-        unreadable ones. With `job_config` (the resolved job as a dict) each candidate's meta is
-        checked first with `check_compatible`, so a changed model is reported as such rather
-        than as an unreadable checkpoint.
+        whatever mesh wrote them. step=None: the newest step that verifies and restores,
+        falling back past damaged ones. With `job_config` (the resolved job as a dict) each
+        candidate's meta is checked first with `check_compatible`, so a changed model is
+        reported as such rather than as an unreadable checkpoint.
         """
 
         def attempt(s: int):
+            self._verify(s)
             if job_config is not None:
                 check_compatible(self._read_meta(s), job_config, source=self.directory)
             items = {
@@ -270,10 +540,9 @@ class Checkpointer:
                 "data": LaneRestore(data_iter),
                 "meta": ocp.args.JsonRestore(),
             }
-            step_dir = self._mngr.directory / str(s)
             want_cache = _has_leaves(abstract_cache)
             if want_cache:
-                if not (step_dir / "cache").exists():
+                if not (self.step_dir(s) / "cache").exists():
                     raise IncompatibleCheckpoint(
                         f"checkpoint {self.directory} step {s} has no cache; the job's model carries one")
                 items["cache"] = ocp.args.StandardRestore(abstract_cache)
@@ -283,6 +552,7 @@ class Checkpointer:
 
         result = self._with_fallback(step, attempt)
         self._known.add(result[3])
+        self.last_verified_step = result[3]
         return result
 
     def restore_state(self, *, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
@@ -290,6 +560,7 @@ class Checkpointer:
         `abstract_state` may be a part of the saved state ({"params": ...}): only that is read."""
 
         def attempt(s: int):
+            self._verify(s)
             # Orbax's StandardRestore(strict=False) still refuses a restore item with fewer
             # subtrees than were saved; a PyTree restore with partial_restore reads only those
             # asked for, so the optimizer state is never read or allocated.
@@ -306,11 +577,27 @@ class Checkpointer:
     # ---------------------------------------------------------------------------------------
 
     def wait(self) -> None:
-        """Block until the in-flight async save is on disk (and raise its error, if any)."""
-        self._mngr.wait_until_finished()
+        """Block until the in-flight async save is on disk and hashed (CheckpointWriteError if
+        it failed)."""
+        if self._pending is not None:
+            self._finish_pending()
+        else:
+            try:
+                self._mngr.wait_until_finished()
+            except Exception as e:  # noqa: BLE001
+                raise self._write_error(f"a checkpoint save to {self.directory} failed", e) from None
 
     def close(self) -> None:
-        self._mngr.close()
+        try:
+            if self._pending is not None:
+                self._finish_pending()
+        finally:
+            try:
+                self._mngr.close()
+            except Exception:  # noqa: BLE001 - a failed save was reported by _finish_pending
+                log.debug("closing the checkpoint manager failed", exc_info=True)
+            finally:
+                _unquiet_libraries(self.log_file, failed=self._failed)
 
     def __enter__(self):
         return self

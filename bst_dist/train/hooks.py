@@ -28,7 +28,7 @@ from bst_dist.errors import UserError
 from bst_dist.models.flops import train_step_flops
 from bst_dist.train.checkpoint import Checkpointer
 from bst_dist.train.metrics import MetricsLogger, device_peak_flops, mfu
-from bst_dist.train.preemption import PREEMPTED_EXIT_CODE, PreemptionGuard, any_process
+from bst_dist.train.preemption import INTERRUPTED_EXIT_CODE, PreemptionGuard, any_process
 from bst_dist.train.state import Setup
 
 log = logging.getLogger("bst_dist.train")
@@ -121,7 +121,8 @@ class Checkpoints(Hook):
 
 
 class StopOnRequest(Hook):
-    """SIGTERM (or the launcher's stop event) -> a checkpoint of this step, then exit 143."""
+    """SIGTERM (or the launcher's stop event) -> a checkpoint of this step, then exit 143;
+    Ctrl-C (SIGINT) the same, then exit 130."""
 
     def __init__(self, stop: threading.Event | None = None):
         self.guard = PreemptionGuard(event=stop)
@@ -132,8 +133,10 @@ class StopOnRequest(Hook):
     def after_step(self, run: Run) -> None:
         if any_process(self.guard.requested):  # a collective: every process stops at the same step
             run.save_now()
-            log.warning("preempted: saved step %d; exiting with status %d", run.step, PREEMPTED_EXIT_CODE)
-            raise SystemExit(PREEMPTED_EXIT_CODE)
+            code = self.guard.exit_code
+            what = "interrupted" if code == INTERRUPTED_EXIT_CODE else "preempted"
+            log.warning("%s: saved step %d; exiting with status %d", what, run.step, code)
+            raise SystemExit(code)
 
     def on_end(self, run: Run, ok: bool) -> None:
         self.guard.__exit__(None, None, None)

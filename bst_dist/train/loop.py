@@ -1,7 +1,8 @@
 """The training run, top to bottom: `train(cfg)`, run by every JAX process of a job (under Ray
 Train or directly).
 
-    mesh -> checkpointer -> loader -> initial state (created, or restored) -> steps -> summary
+    mesh -> run-directory lock -> checkpointer -> loader -> initial state (created, or restored)
+         -> steps -> summary
 
 Everything else a run does (metrics and progress, checkpoints, the stop request, the NaN stop,
 the Ray report, evaluation, plots) is a hook (`train/hooks.py`). `jax.distributed` is already
@@ -28,8 +29,11 @@ import yaml
 from bst_dist import config as config_lib
 from bst_dist import parallel
 from bst_dist.config import ConfigError, JobConfig
-from bst_dist.train.checkpoint import Checkpointer, NoReadableCheckpoint, check_compatible
+from bst_dist.errors import UserError
+from bst_dist.train.checkpoint import Checkpointer, NoReadableCheckpoint, check_compatible, check_writable
 from bst_dist.train.hooks import Hook, Run, TrainingError, standard_hooks  # noqa: F401 (TrainingError: API)
+from bst_dist.train.lock import RunLock, RunLocked
+from bst_dist.train.preemption import any_process
 from bst_dist.train.state import initial_state
 from bst_dist.train.step import batch_shardings, make_train_step
 
@@ -49,7 +53,7 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
     mesh = parallel.make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
     t = cfg.train
-    with open_checkpointer(cfg) as ckpt:
+    with hold_run_dir(cfg), open_checkpointer(cfg) as ckpt:
         if jax.process_index() == 0:
             write_job(cfg)  # only now: a refused rerun must not overwrite the job.yaml of its checkpoints
         loader = make_loader(cfg.data, seq_len=cfg.model.seq_len, global_batch_size=t.global_batch_size,
@@ -105,6 +109,28 @@ def check_batch(cfg: JobConfig, mesh) -> None:
                           f"(data x fsdp = {n})")
 
 
+@contextlib.contextmanager
+def hold_run_dir(cfg: JobConfig):
+    """Process 0 holds the run directory's lock (train/lock.py) for the whole run; every process
+    learns whether it got it (a collective), so a refused run stops everywhere at once."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = RunLock(cfg.train.run_dir).acquire()
+        except (RunLocked, OSError) as e:
+            error = e
+    if any_process(error is not None):
+        if isinstance(error, OSError):
+            raise UserError(f"train.run_dir {cfg.train.run_dir} is not writable "
+                            f"({error.strerror or error}); choose a writable train.run_dir") from None
+        raise error or RunLocked(f"train.run_dir {cfg.train.run_dir}: process 0 could not lock it")
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def checkpoint_dir(cfg: JobConfig) -> str:
     return cfg.checkpoint.dir or os.path.join(cfg.train.run_dir, "checkpoints")
 
@@ -112,9 +138,11 @@ def checkpoint_dir(cfg: JobConfig) -> str:
 def open_checkpointer(cfg: JobConfig) -> Checkpointer:
     """The run's checkpointer, after refusing a newest checkpoint the job cannot continue from
     (IncompatibleCheckpoint naming the difference) before the data, the model or any
-    compilation. The restore checks each candidate again; an unreadable newest step is left to
-    its fallback."""
+    compilation, and after a probe write (CheckpointWriteError: an unwritable or full location
+    is found before the first step, not at the first save). The restore checks each candidate
+    again; an unreadable newest step is left to its fallback."""
     c = cfg.checkpoint
+    check_writable(checkpoint_dir(cfg))  # before Orbax's manager: its threads outlive a refused start
     ckpt = Checkpointer(checkpoint_dir(cfg), every=c.every, keep_last=c.keep_last, keep_every=c.keep_every,
                         async_save=c.async_save)
     try:

@@ -1,11 +1,12 @@
-"""Turn SIGTERM into a request to checkpoint and stop, instead of death mid-step.
+"""Turn SIGTERM and SIGINT (Ctrl-C) into a request to checkpoint and stop, instead of death
+mid-step.
 
     with PreemptionGuard() as guard:
         for step in ...:
             ...
             if any_process(guard.requested):      # every process, same steps: a collective
                 ckpt.save(step, ..., force=True); ckpt.wait()
-                return PREEMPTED_EXIT_CODE
+                return guard.exit_code             # 143 after SIGTERM, 130 after Ctrl-C
 
 Exiting non-zero makes the supervisor (Ray Train's FailureConfig, Kubernetes, a batch system)
 restart the job, and the next run resumes from that checkpoint.
@@ -26,10 +27,12 @@ log = logging.getLogger(__name__)
 # looks to a supervisor exactly like what happened to it (terminated, restartable), not like a
 # crash (1) or a refused job spec (2).
 PREEMPTED_EXIT_CODE = 143
+# 128 + SIGINT(2): what a shell reports for Ctrl-C; a supervisor reads it as "the user stopped it".
+INTERRUPTED_EXIT_CODE = 130
 
 
 class PreemptionGuard:
-    """Context manager: SIGTERM (and SIGINT with `sigint=True`) sets `.requested`.
+    """Context manager: SIGTERM and SIGINT set `.requested` (and `.signal`, the first received).
 
     A second signal of the same kind runs the previous handler (a second Ctrl-C still
     interrupts, a second SIGTERM still kills). Previous handlers are restored on exit.
@@ -38,13 +41,19 @@ class PreemptionGuard:
     another mechanism to ask for a stop.
     """
 
-    def __init__(self, *, sigint: bool = False, event: threading.Event | None = None):
-        self._signals = [signal.SIGTERM] + ([signal.SIGINT] if sigint else [])
+    def __init__(self, *, event: threading.Event | None = None):
+        self._signals = [signal.SIGTERM, signal.SIGINT]
         self._previous: dict[int, object] = {}
         # `event`: a stop request from elsewhere (a Ray worker's main-thread SIGTERM bridge,
         # Ray's drain notice) that the loop treats exactly like its own SIGTERM.
         self._event = event if event is not None else threading.Event()
         self._count: dict[int, int] = {}
+        self.signal: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """130 when the stop came from Ctrl-C, else 143 (SIGTERM or the stop event)."""
+        return INTERRUPTED_EXIT_CODE if self.signal == signal.SIGINT else PREEMPTED_EXIT_CODE
 
     @property
     def requested(self) -> bool:
@@ -56,8 +65,10 @@ class PreemptionGuard:
     def _handle(self, signum, frame):
         self._count[signum] = self._count.get(signum, 0) + 1
         if self._count[signum] == 1:
-            log.warning("received %s: will checkpoint and stop after this step",
-                        signal.Signals(signum).name)
+            log.warning("received %s: will checkpoint and stop after this step%s", signal.Signals(signum).name,
+                        " (press Ctrl-C again to stop at once, without it)" if signum == signal.SIGINT else "")
+            if self.signal is None:
+                self.signal = signum
             self._event.set()
             return
         previous = self._previous.get(signum, signal.SIG_DFL)
