@@ -335,13 +335,9 @@ def validate(cfg: JobConfig) -> JobConfig:
     both = set(m.bst_layers) & set(m.brect_layers)
     if both:
         raise ConfigError(f"model.bst_layers: layer {sorted(both)[0]} is also in model.brect_layers; a layer has one kind")
-    if m.bst.state_size % 2:
-        raise ConfigError(f"model.bst.state_size: must be even (N/2 complex modes), got {m.bst.state_size}")
-    _check_positive("model.bst.num_context_states", m.bst.num_context_states)
-    _check_positive("model.bst.ssm_chunk", m.bst.ssm_chunk)
-    if m.block_len % min(m.bst.ssm_chunk, m.block_len):
-        raise ConfigError(f"model.bst.ssm_chunk: {m.bst.ssm_chunk} must divide model.block_len W={m.block_len}")
-    _check_positive("model.brect.num_states", m.brect.num_states)
+    from bst_dist.models.registry import check as check_layer_kinds  # the layer kinds' own sections
+
+    check_layer_kinds(m)
     if m.num_heads * m.head_dim != m.d_model:
         raise ConfigError(
             f"model.head_dim: num_heads x head_dim = {m.num_heads}x{m.head_dim} = {m.num_heads * m.head_dim} "

@@ -5,7 +5,7 @@
   the document (0-4k, 4k-16k, 16k-65k, 65k+).
 * at length T: each document's first T tokens in one pass with a fresh cache (the BST paper's
   length-generalisation protocol); T is rounded up to a multiple of W with the padding masked;
-  unstructured filters are generated at length T.
+  unstructured filters are evaluated on the training grid (tap k at k/L) out to length T.
 Both compute on the training mesh and reduce on device, so several processes can run them.
 """
 
@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bst_dist.models import Cache
 from bst_dist.train.state import Setup
-from bst_dist.train.step import cross_entropy
 
 BUCKET_EDGES = (4096, 16384, 65536)
 BUCKET_NAMES = ("0-4k", "4k-16k", "16k-65k", "65k+")
@@ -52,9 +52,8 @@ class StreamEvaluator:
 
         def step(params, cache, inputs, targets, mask, doc_start, bucket):
             model = nnx.merge(graphdef, params)
-            x, cache = model.features(inputs, cache, doc_start)
-            logits = model.logits(x)
-            nats = (jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]) * mask
+            nll, cache = model.token_nll(inputs, targets, cache, doc_start)
+            nats = nll * mask
             one_hot = jax.nn.one_hot(bucket, nb, dtype=jnp.float32)
             return cache, jnp.einsum("bt,btk->k", nats, one_hot), jnp.einsum("bt,btk->k", mask, one_hot)
 
@@ -65,13 +64,10 @@ class StreamEvaluator:
 
         cfg = self.setup.cfg
         L = cfg.model.seq_len
-        from bst_dist.models import cache_shape
-
-        shapes = cache_shape(cfg.model, self.B)
         from bst_dist.parallel import cache_shardings
 
-        cache = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-                        out_shardings=cache_shardings(shapes, self.setup.mesh, self.setup.rules))()
+        shardings = cache_shardings(Cache.spec(cfg.model, self.B), self.setup.mesh, self.setup.rules)
+        cache = Cache.zeros(cfg.model, self.B, sharding=shardings)
         nats = np.zeros(len(BUCKET_NAMES))
         toks = np.zeros(len(BUCKET_NAMES))
         loader = make_loader(cfg.data, seq_len=L, global_batch_size=self.B, process_index=jax.process_index(),
@@ -115,17 +111,14 @@ def eval_at_length(setup: Setup, params, T: int, split: str = "validation", max_
     B = batch_size or cfg.train.global_batch_size
     graphdef = setup.graphdef
     row2 = _rows(setup, 2)
-    from bst_dist.models import cache_shape
-
-    shapes = cache_shape(cfg.model, B, Tp)
-    cache_sh = jax.tree.map(lambda s: _rows(setup, len(s.shape)), shapes)
+    cache_sh = jax.tree.map(lambda s: _rows(setup, len(s.shape)), Cache.spec(cfg.model, B, Tp))
 
     @jax.jit
     def nll(params, inputs, targets, mask):
         model = nnx.merge(graphdef, params)
-        cache = jax.lax.with_sharding_constraint(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), cache_sh)
-        x, _ = model.features(inputs, cache, jnp.ones((inputs.shape[0],), bool))
-        return cross_entropy(model.logits(x), targets, mask), jnp.sum(mask)
+        cache = Cache.zeros(cfg.model, B, Tp, sharding=cache_sh)
+        nats, count, _ = model.loss(inputs, targets, mask, cache, jnp.ones((inputs.shape[0],), bool))
+        return nats, count
 
     nats = toks = 0.0
     docs = 0

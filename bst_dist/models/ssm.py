@@ -86,22 +86,24 @@ def s4d_carry(u: jax.Array, h: jax.Array, dtA: jax.Array, Bbar: jax.Array, C: ja
 # Unstructured (Hyena-style implicit) filters
 
 
-def positional_features(T: int, emb_dim: int) -> jax.Array:
-    """Hyena's PE(t_k) = [t_k, cos(2 pi f_j k / T), -sin(2 pi f_j k / T)], (T, emb_dim)."""
+def positional_features(T: int, emb_dim: int, L: int) -> jax.Array:
+    """Hyena's PE(t_k) = [t_k, cos(2 pi f_j t_k), -sin(2 pi f_j t_k)] at t_k = k / L, k = 0..T-1:
+    (T, emb_dim). The grid is the training length L whatever T, so a tap's value never depends on
+    the call length; taps k >= L (T > L) extend the learned function past t = 1."""
     J = (emb_dim - 1) // 2
-    t = jnp.linspace(0.0, 1.0, T, dtype=jnp.float32)[:, None]
-    k = jnp.arange(T, dtype=jnp.float32)[:, None]
+    t = (jnp.arange(T, dtype=jnp.float32) / L)[:, None]
     f = jnp.linspace(1e-4, J - 1, J, dtype=jnp.float32)[None, :]
-    z = 2 * math.pi * f * k / T
+    z = 2 * math.pi * f * t
     return jnp.concatenate([t, jnp.cos(z), -jnp.sin(z)], axis=-1)
 
 
-def hyena_decay(T: int, n_out: int, fast: float = 0.3, slow: float = 1.5, target: float = 1e-2) -> jax.Array:
-    """exp(-|delta| t) with |delta| = linspace(ln(1/target)/slow, ln(1/target)/fast): (T, n_out).
-
-    The filters fall to 1% of their start between 30% and 150% of the sequence (Hyena's default).
+def hyena_decay(T: int, n_out: int, L: int, fast: float = 0.3, slow: float = 1.5,
+                target: float = 1e-2) -> jax.Array:
+    """exp(-|delta| t_k) at t_k = k / L with |delta| = linspace(ln(1/target)/slow,
+    ln(1/target)/fast): (T, n_out). The filters fall to 1% of their start between 30% and 150% of
+    the training length L (Hyena's default), on the same grid as `positional_features`.
     """
-    t = jnp.linspace(0.0, 1.0, T, dtype=jnp.float32)[:, None]
+    t = (jnp.arange(T, dtype=jnp.float32) / L)[:, None]
     deltas = jnp.linspace(math.log(1 / target) / slow, math.log(1 / target) / fast, n_out, dtype=jnp.float32)
     return jnp.exp(-t * deltas[None, :])
 

@@ -21,17 +21,9 @@ from flax import nnx
 
 from bst_dist.models.modules import Dropout
 from bst_dist.parallel import batch_sharding
-from bst_dist.train.chunked_loss import chunked_cross_entropy
 from bst_dist.train.state import Setup
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "doc_start")
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Summed nats over mask-in targets. logits (B, T, V) float32."""
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((lse - picked) * mask)
 
 
 def _lanes_to_micro(x: jax.Array, A: int) -> jax.Array:
@@ -57,10 +49,9 @@ def make_train_step(setup: Setup):
         model = nnx.merge(graphdef, params)
         drop = Dropout(keys, m.dropout, m.attn_dropout) if use_dropout else None
         doc_start = batch["doc_start"] if carry_cache else jnp.ones_like(batch["doc_start"])
-        x, new_cache = model.features(batch["inputs"], cache, doc_start, drop)
-        # the head and loss in chunks: the (B, T, V) float32 logits are never materialised
-        nats = chunked_cross_entropy(x, model.embed[...], batch["targets"], batch["loss_mask"],
-                                     vocab_size=m.vocab_size)
+        # the head runs in chunks: the (B, T, V) float32 logits are never materialised
+        nats, _, new_cache = model.loss(batch["inputs"], batch["targets"], batch["loss_mask"], cache, doc_start,
+                                        drop)
         return nats, new_cache
 
     def train_step(state, cache, batch):
