@@ -1,6 +1,6 @@
 """The Block Transformer ("Slide") layer: sliding-window causal self-attention over the current
 and previous block, T5 relative bias, and the non-differentiable XL cache of the previous
-sequence's last block (docs/models.md). Transformer-XL is this layer with W = L.
+sequence's last block (docs/model_spec.md, section 2). Transformer-XL is this layer with W = L.
 
 `SelfAttention` is also the vertical direction of the BRecT and BST layers.
 """

@@ -1,4 +1,4 @@
-"""The Block-Recurrent Transformer recurrent layer (docs/models.md): S recurrent states
+"""The Block-Recurrent Transformer recurrent layer (docs/model_spec.md, section 3): S recurrent states
 updated once per block by self-attention, cross-attention to the block's tokens (2W keys) and a
 fixed or LSTM gate; tokens cross-attend to the states entering their block.
 

@@ -1,6 +1,6 @@
-"""The Block-State Transformer layer (docs/models.md): a Block Transformer layer whose
-tokens also cross-attend to SSM-produced context states, SH / MH / MF x s4d / unstruct, with
-the exact non-differentiable cross-sequence SSM carry (section 7).
+"""The Block-State Transformer layer: a Block Transformer layer whose tokens also
+cross-attend to SSM-produced context states, SH / MH / MF x s4d / unstruct, with the exact
+non-differentiable cross-sequence SSM carry (docs/model_spec.md, sections 4 and 5).
 
 Context states per variant, from the SSM output y (B, T, d, C):
   SH: C = 1, lifted to H heads by a per-head affine map; window i attends causally to its own W
@@ -181,7 +181,7 @@ class BSTLayer(nnx.Module):
         a_self, (_, _, q2, *_), new_cache = self.attn(x, cache, live, drop)
         keep = live[:, None, None]
 
-        # SSM over the whole sequence (not per window: docs/models.md), carry read through stop_gradient.
+        # SSM over the whole sequence (not per window: docs/model_spec.md 4), carry read through stop_gradient.
         carry = None
         if b.carry and b.kernel == "s4d":
             h = jax.lax.stop_gradient(cache["h_re"] + 1j * cache["h_im"]).astype(jnp.complex64)

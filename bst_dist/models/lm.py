@@ -1,6 +1,6 @@
 """The language model: tied embedding, a hybrid stack of Block / BST / BRecT layers from config,
-final RMS norm and the tied output head scaled by 1/sqrt(d) (docs/models.md says
-1/sqrt(V); meliad's decoder_stack.py divides by sqrt(ys.shape[-1]) = sqrt(d): see docs/models.md).
+final RMS norm and the tied output head scaled by 1/sqrt(d) (meliad's decoder_stack.py divides
+by sqrt(ys.shape[-1]) = sqrt(d), not sqrt(V): docs/model_spec.md, sections 1 and 6).
 
     model = build(cfg.model, rngs=nnx.Rngs(seed))
     cache = model.init_cache(batch_size)                     # = Cache.zeros(cfg.model, batch_size)
