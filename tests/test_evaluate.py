@@ -12,6 +12,7 @@ from flax import nnx
 from bst_dist import config, parallel
 from bst_dist.eval.evaluators import StreamEvaluator, eval_at_length
 from bst_dist.train import state as state_lib
+from model_utils import naive_nll as token_nll
 from train_utils import TINY_JOB
 
 
@@ -24,8 +25,7 @@ def setup_and_params():
 
 def naive_nll(model, inputs, targets, mask, cache, doc_start):
     logits, cache = model(jnp.asarray(inputs), cache, jnp.asarray(doc_start))
-    lp = jax.nn.log_softmax(logits, -1)
-    nats = -jnp.take_along_axis(lp, jnp.asarray(targets)[..., None], -1)[..., 0] * jnp.asarray(mask)
+    nats = token_nll(logits, targets) * jnp.asarray(mask)
     return float(nats.sum()), float(np.sum(mask)), cache
 
 

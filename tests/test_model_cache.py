@@ -69,3 +69,18 @@ def test_cache_is_not_differentiable():
     for g in jax.tree.leaves(grads):
         if jnp.issubdtype(g.dtype, jnp.floating):
             assert float(jnp.abs(g).max()) == 0.0
+
+
+def test_no_carry_means_no_carry_for_mf():
+    """bst.carry=false with xl_cache=false (and no BRecT layer, whose state is its recurrence):
+    nothing crosses sequences, so a used and a fresh cache give the same logits from position 0."""
+    for kernel in ("s4d", "unstruct"):
+        cfg = tiny_cfg(bst={"variant": "MF", "kernel": kernel, "carry": False}, xl_cache=False, brect_layers=[])
+        model = build(cfg, nnx.Rngs(6))
+        fwd = compiled_forward(model)
+        B, L = 2, cfg.seq_len
+        _, used = fwd(tokens(1, B, L), model.init_cache(B), jnp.ones((B,), bool))
+        seq = tokens(2, B, L)
+        carried, _ = fwd(seq, used, jnp.zeros((B,), bool))
+        fresh, _ = fwd(seq, model.init_cache(B), jnp.ones((B,), bool))
+        np.testing.assert_array_equal(np.asarray(carried), np.asarray(fresh))

@@ -88,6 +88,12 @@ def test_bad_inputs_are_clear_errors():
         model(ok[:, :30], cache, start)
     with pytest.raises(InputError, match=r"cache was built for batch size 2 but tokens have B=3"):
         model(jnp.zeros((3, 32), jnp.int32), cache, jnp.ones((3,), bool))
+    # concrete tokens closed over inside jit / grad are checked too, without a concretization error
+    jax.jit(lambda c: model(ok, c, start)[0])(cache)
+    bad = ok.at[0, 3].set(64)
+    with pytest.raises(InputError, match=r"token id 64 out of range"):
+        jax.jit(lambda c: model(bad, c, start)[0])(cache)
+    jax.grad(lambda c: jnp.sum(model(ok, c, start)[0]), allow_int=True)(cache)
     # any T that is a multiple of W works (length generalisation), not only the configured L
     logits, _ = model(jnp.zeros((2, 48), jnp.int32), cache, start)
     assert logits.shape == (2, 48, cfg.padded_vocab)

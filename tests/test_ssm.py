@@ -101,10 +101,21 @@ def test_unstruct_prefix_carry_equals_linear_convolution_of_concatenation():
 
 
 def test_hyena_features_and_decay_shapes():
-    pe = ssm.positional_features(16, 33)
+    pe = ssm.positional_features(16, 33, L=16)
     assert pe.shape == (16, 33)
-    np.testing.assert_allclose(np.asarray(pe[:, 0]), np.linspace(0, 1, 16), rtol=1e-6)
-    dec = np.asarray(ssm.hyena_decay(100, 4))
+    np.testing.assert_allclose(np.asarray(pe[:, 0]), np.arange(16) / 16, rtol=1e-6)
+    dec = np.asarray(ssm.hyena_decay(100, 4, L=100))
     assert np.all(dec[0] == 1.0) and np.all(np.diff(dec, axis=0) <= 0)
-    # the fastest channel reaches 1% by 30% of the sequence, the slowest by 150%
+    # the fastest channel reaches 1% by 30% of the training length, the slowest by 150%
     assert dec[30, -1] == pytest.approx(0.01, rel=0.1)
+
+
+def test_hyena_grid_is_the_training_length():
+    """Tap k is the same function of k / L for every call length T: a short call is a prefix of
+    a long one, and taps past L continue the function."""
+    L = 16
+    for T in (8, 32):
+        np.testing.assert_array_equal(np.asarray(ssm.positional_features(T, 33, L)),
+                                      np.asarray(ssm.positional_features(64, 33, L))[:T])
+        np.testing.assert_array_equal(np.asarray(ssm.hyena_decay(T, 4, L)),
+                                      np.asarray(ssm.hyena_decay(64, 4, L))[:T])

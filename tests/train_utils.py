@@ -201,25 +201,22 @@ def token_nats(cfg, graphdef, params, docs, *, carry: bool):
     from flax import nnx
 
     from bst_dist import parallel
-    from bst_dist.models import cache_shape
+    from bst_dist.models import Cache
 
     L, B = cfg.model.seq_len, cfg.train.global_batch_size
     n, T = docs.shape
     assert (T - 1) % L == 0, (T, L)
     mesh, rules = parallel.make_mesh(cfg.mesh), parallel.rules_from_config(cfg.mesh)
-    shapes = cache_shape(cfg.model, B)
-    cache_sh = parallel.cache_shardings(shapes, mesh, rules)
+    cache_sh = parallel.cache_shardings(Cache.spec(cfg.model, B), mesh, rules)
     rows2, rows1 = parallel.batch_sharding(mesh, 2, rules), parallel.batch_sharding(mesh, 1, rules)
 
     @jax.jit
     def step(params, cache, inputs, targets, doc_start):
         model = nnx.merge(graphdef, params)
-        x, cache = model.features(inputs, cache, doc_start)
-        logits = model.logits(x)
-        nats = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+        nats, cache = model.token_nll(inputs, targets, cache, doc_start)
         return cache, nats
 
-    fresh = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), out_shardings=cache_sh)
+    fresh = lambda: Cache.zeros(cfg.model, B, sharding=cache_sh)  # noqa: E731
     out = np.zeros((n, T - 1), np.float32)
     for lo in range(0, n, B):
         rows = np.zeros((B, T), np.int32)

@@ -66,20 +66,9 @@ def _model(m: ModelConfig) -> None:
     if m.attention_impl == "cudnn" and (m.mask != "inclusive" or m.attn_dropout > 0 or m.dtype != "bfloat16"):
         raise ConfigError("model.attention_impl: 'cudnn' needs model.mask=inclusive, model.attn_dropout=0 and "
                           f"model.dtype=bfloat16 (got mask={m.mask}, attn_dropout={m.attn_dropout}, dtype={m.dtype})")
-    b = m.bst
-    _positive("model.bst.state_size", b.state_size)
-    if b.state_size % 2:
-        raise ConfigError(f"model.bst.state_size: must be even (N/2 complex modes), got {b.state_size}")
-    _positive("model.bst.num_context_states", b.num_context_states)
-    # Hyena's positional features are [t, cos(f_j t), -sin(f_j t)] for j < J: 1 + 2J columns.
-    if b.filter_emb_dim < 3 or b.filter_emb_dim % 2 == 0:
-        raise ConfigError(f"model.bst.filter_emb_dim: must be odd and >= 3 (1 + 2J), got {b.filter_emb_dim}")
-    _positive("model.bst.filter_hidden", b.filter_hidden)
-    _positive("model.bst.filter_sin_freq", b.filter_sin_freq)
-    _positive("model.bst.ssm_chunk", b.ssm_chunk)
-    if m.block_len % min(b.ssm_chunk, m.block_len):
-        raise ConfigError(f"model.bst.ssm_chunk: {b.ssm_chunk} must divide model.block_len W={m.block_len}")
-    _positive("model.brect.num_states", m.brect.num_states)
+    from bst_dist.models.registry import check as check_layer_kinds  # each kind checks its own section
+
+    check_layer_kinds(m)
 
 
 def _approx_params(m: ModelConfig) -> int:

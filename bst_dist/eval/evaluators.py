@@ -5,7 +5,8 @@
   the document (0-4k, 4k-16k, 16k-65k, 65k+).
 * at length T: each document's first T tokens in one pass with a fresh cache (the BST paper's
   length-generalisation protocol); T is rounded up to a multiple of W with the padding masked;
-  unstructured filters are generated at length T.
+  unstructured filters are evaluated on the training grid (tap k at k/L) out to length T
+  (docs/model_spec.md).
 Both compute on the training mesh and reduce on device, so several processes can run them.
 """
 
@@ -18,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bst_dist.models import Cache
+from bst_dist.train.batch import Batch
 from bst_dist.train.state import Setup
-from bst_dist.train.step import cross_entropy
 
 BUCKET_EDGES = (4096, 16384, 65536)
 BUCKET_NAMES = ("0-4k", "4k-16k", "16k-65k", "65k+")
@@ -50,13 +52,12 @@ class StreamEvaluator:
         self.row1 = batch_sharding(setup.mesh, 1, setup.rules)
         nb = len(BUCKET_NAMES)
 
-        def step(params, cache, inputs, targets, mask, doc_start, bucket):
+        def step(params, cache, batch: Batch, bucket):
             model = nnx.merge(graphdef, params)
-            x, cache = model.features(inputs, cache, doc_start)
-            logits = model.logits(x)
-            nats = (jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]) * mask
+            nll, cache = model.token_nll(batch.inputs, batch.targets, cache, batch.doc_start)
+            nats = nll * batch.loss_mask
             one_hot = jax.nn.one_hot(bucket, nb, dtype=jnp.float32)
-            return cache, jnp.einsum("bt,btk->k", nats, one_hot), jnp.einsum("bt,btk->k", mask, one_hot)
+            return cache, jnp.einsum("bt,btk->k", nats, one_hot), jnp.einsum("bt,btk->k", batch.loss_mask, one_hot)
 
         self._step = jax.jit(step, donate_argnums=(1,))
 
@@ -65,13 +66,10 @@ class StreamEvaluator:
 
         cfg = self.setup.cfg
         L = cfg.model.seq_len
-        from bst_dist.models import cache_shape
-
-        shapes = cache_shape(cfg.model, self.B)
         from bst_dist.parallel import cache_shardings
 
-        cache = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-                        out_shardings=cache_shardings(shapes, self.setup.mesh, self.setup.rules))()
+        shardings = cache_shardings(Cache.spec(cfg.model, self.B), self.setup.mesh, self.setup.rules)
+        cache = Cache.zeros(cfg.model, self.B, sharding=shardings)
         nats = np.zeros(len(BUCKET_NAMES))
         toks = np.zeros(len(BUCKET_NAMES))
         loader = make_loader(cfg.data, seq_len=L, global_batch_size=self.B, process_index=jax.process_index(),
@@ -83,9 +81,8 @@ class StreamEvaluator:
                 pos = np.maximum(local["seq_index"], 0)[:, None] * L + np.arange(L)[None]
                 bucket = np.searchsorted(BUCKET_EDGES, pos, side="right").astype(np.int32)
                 g = lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x))  # noqa: E731
-                cache, n, t = self._step(params, cache, g(local["inputs"], self.row2), g(local["targets"], self.row2),
-                                         g(local["loss_mask"], self.row2), g(local["doc_start"], self.row1),
-                                         g(bucket, self.row2))
+                batch = Batch.of(local, lambda k, x: g(x, self.row1 if Batch.ndim(k) == 1 else self.row2))
+                cache, n, t = self._step(params, cache, batch, g(bucket, self.row2))
                 nats += np.asarray(jax.device_get(n))
                 toks += np.asarray(jax.device_get(t))
         finally:
@@ -114,18 +111,14 @@ def eval_at_length(setup: Setup, params, T: int, split: str = "validation", max_
     Tp = -(-T // W) * W
     B = batch_size or cfg.train.global_batch_size
     graphdef = setup.graphdef
-    row2 = _rows(setup, 2)
-    from bst_dist.models import cache_shape
-
-    shapes = cache_shape(cfg.model, B, Tp)
-    cache_sh = jax.tree.map(lambda s: _rows(setup, len(s.shape)), shapes)
+    cache_sh = jax.tree.map(lambda s: _rows(setup, len(s.shape)), Cache.spec(cfg.model, B, Tp))
 
     @jax.jit
-    def nll(params, inputs, targets, mask):
+    def nll(params, batch: Batch):
         model = nnx.merge(graphdef, params)
-        cache = jax.lax.with_sharding_constraint(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), cache_sh)
-        x, _ = model.features(inputs, cache, jnp.ones((inputs.shape[0],), bool))
-        return cross_entropy(model.logits(x), targets, mask), jnp.sum(mask)
+        cache = Cache.zeros(cfg.model, B, Tp, sharding=cache_sh)
+        nats, count, _ = model.loss(batch.inputs, batch.targets, batch.loss_mask, cache, batch.doc_start)
+        return nats, count
 
     nats = toks = 0.0
     docs = 0
@@ -141,7 +134,9 @@ def eval_at_length(setup: Setup, params, T: int, split: str = "validation", max_
             arr[i, :len(r)] = r
             mask[i, :len(r) - 1] = 1.0
         g = lambda x, s: jax.make_array_from_process_local_data(s, _local_rows(x))  # noqa: E731
-        n, t = nll(params, g(arr[:, :-1], row2), g(arr[:, 1:], row2), g(mask, row2))
+        fields = {"inputs": arr[:, :-1], "targets": arr[:, 1:], "loss_mask": mask,
+                  "doc_start": np.ones((B,), bool)}  # one pass from a fresh cache: every row starts
+        n, t = nll(params, Batch.of(fields, lambda k, x: g(x, _rows(setup, Batch.ndim(k)))))
         nats += float(n)
         toks += float(t)
         rows.clear()

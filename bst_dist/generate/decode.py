@@ -11,8 +11,8 @@ the generated length; compute per token is one forward over S tokens.
 
 S (`segment_len`) is W when splitting an L-long sequence into W-long calls with the cache carried
 gives the same outputs as one call (Slide / Transformer-XL with the XL cache, BRecT, BST with the
-S4D carry), and L otherwise: unstructured filters are built at the call's length and carry the
-previous L-long input, and a layer without its carry sees only the call. The prompt is prefilled
+S4D carry), and L otherwise: an unstructured filter has the call's support and carries the
+previous call's input, and a layer without its carry sees only the call. The prompt is prefilled
 in L-long calls (then the whole segments left over in one call), so its segmentation is the
 training stream's: the reference for position t is the forward over L-long sequences carrying
 the cache (or resetting it at every L boundary when training did not carry it).
@@ -37,11 +37,10 @@ class PromptError(ValueError):
 
 def segment_len(cfg) -> int:
     """The call length S of decoding (see the module doc)."""
-    W, L = cfg.block_len, cfg.seq_len
-    for i in range(cfg.num_layers):
-        if cfg.layer_kind(i) == "bst" and (cfg.bst.kernel == "unstruct" or not cfg.bst.carry):
-            return L
-    return W if cfg.xl_cache else L
+    from bst_dist.models.registry import stack
+
+    exact = cfg.xl_cache and all(kind.exact_in_blocks(cfg) for kind in stack(cfg))
+    return cfg.block_len if exact else cfg.seq_len
 
 
 class Decoder:

@@ -1,5 +1,6 @@
 """Attention math as plain functions: the masked ("safe") softmax, T5 relative buckets, and
-block (sliding-window) attention over the current and previous block (docs/models.md).
+block (sliding-window) attention over the current and previous block (docs/model_spec.md,
+section 1).
 
 Conventions: q, k, v are (..., Q|K, H, hd); logits are (..., H, Q, K). Keys and queries arrive
 L2-normalised; `alpha` (H,) is the learned per-head scale applied after the bias is added.

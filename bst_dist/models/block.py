@@ -1,6 +1,6 @@
 """The Block Transformer ("Slide") layer: sliding-window causal self-attention over the current
 and previous block, T5 relative bias, and the non-differentiable XL cache of the previous
-sequence's last block (docs/models.md). Transformer-XL is this layer with W = L.
+sequence's last block (docs/model_spec.md, section 2). Transformer-XL is this layer with W = L.
 
 `SelfAttention` is also the vertical direction of the BRecT and BST layers.
 """
@@ -13,6 +13,7 @@ from flax import nnx
 
 from bst_dist.config import ModelConfig
 from bst_dist.models import attention as attn
+from bst_dist.models import flops, registry
 from bst_dist.models.modules import KVQ, Dropout, HeadScale, PostAttn, RelativeBias, attn_dropout
 
 
@@ -57,19 +58,19 @@ class SelfAttention(nnx.Module):
 class BlockLayer(nnx.Module):
     """Slide / Transformer-XL layer: Y = PostAttn(X, A_self)."""
 
-    kind = "block"
-
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.attn = SelfAttention(cfg, with_q2=False, rngs=rngs)
         self.post = PostAttn(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, parts=1, rngs=rngs)
 
-    @staticmethod
-    def cache_shape(cfg: ModelConfig, batch: int, seq_len: int) -> dict:
-        return xl_cache_shape(cfg, batch)
-
-    def init_cache(self, batch: int, seq_len: int) -> dict:
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), xl_cache_shape(self.attn.cfg, batch))
-
     def __call__(self, x: jax.Array, cache: dict, live: jax.Array, drop: Dropout | None):
         a, _, new_cache = self.attn(x, cache, live, drop)
         return self.post(x, [a], drop=drop, site=3), new_cache
+
+
+def _block_label(cfg: ModelConfig) -> str:
+    return "Trsf-XL" if cfg.block_len == cfg.seq_len else "Block"
+
+
+registry.register(registry.LayerKind(
+    name="block", module=BlockLayer, cache_spec=lambda cfg, batch, seq_len: xl_cache_shape(cfg, batch),
+    flops=flops.block_flops, label=_block_label))

@@ -1,4 +1,4 @@
-"""The Block-Recurrent Transformer recurrent layer (docs/models.md): S recurrent states
+"""The Block-Recurrent Transformer recurrent layer (docs/model_spec.md, section 3): S recurrent states
 updated once per block by self-attention, cross-attention to the block's tokens (2W keys) and a
 fixed or LSTM gate; tokens cross-attend to the states entering their block.
 
@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bst_dist.config import ModelConfig
+from bst_dist.config import ConfigError, ModelConfig
 from bst_dist.models import attention as attn
+from bst_dist.models import flops, registry
 from bst_dist.models.block import SelfAttention, xl_cache_shape
 from bst_dist.models.modules import (FFN, KVQ, Dropout, HeadScale, PostAttn, RMSNorm,
                                      normal, param)
@@ -44,8 +45,6 @@ class Gate(nnx.Module):
 
 
 class BRecTLayer(nnx.Module):
-    kind = "brect"
-
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         d, H, hd, S = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.brect.num_states
@@ -65,12 +64,6 @@ class BRecTLayer(nnx.Module):
             self.ffn2 = FFN(d, cfg.mlp_dim, rngs)
             self.gate2 = Gate(cfg.brect.gate, d, cfg.mlp_dim, rngs)
         self.post = PostAttn(d, H, hd, cfg.mlp_dim, parts=2, rngs=rngs)
-
-    @staticmethod
-    def cache_shape(cfg: ModelConfig, batch: int, seq_len: int) -> dict:
-        shapes = xl_cache_shape(cfg, batch)
-        shapes["state"] = jax.ShapeDtypeStruct((batch, cfg.brect.num_states, cfg.d_model), jnp.float32)
-        return shapes
 
     def _update(self, c: jax.Array, kx: jax.Array, vx: jax.Array, kmask: jax.Array, q2x: jax.Array):
         """One block: c (B, S, d) float32; kx/vx (B, 2W, H, hd); kmask (B, 2W); q2x (B, W, H, hd).
@@ -118,3 +111,20 @@ def _scan_blocks(layer: BRecTLayer, c0: jax.Array, xs: tuple):
 
     c, ys = jax.lax.scan(body, c0, xs)
     return c, jnp.moveaxis(ys, 0, 1)
+
+
+def cache_spec(cfg: ModelConfig, batch: int, seq_len: int) -> dict:
+    """The XL cache plus the S recurrent states after the previous sequence's last block."""
+    shapes = xl_cache_shape(cfg, batch)
+    shapes["state"] = jax.ShapeDtypeStruct((batch, cfg.brect.num_states, cfg.d_model), jnp.float32)
+    return shapes
+
+
+def check(cfg: ModelConfig) -> None:
+    if cfg.brect.num_states <= 0:
+        raise ConfigError(f"model.brect.num_states: must be > 0, got {cfg.brect.num_states}")
+
+
+registry.register(registry.LayerKind(
+    name="brect", module=BRecTLayer, cache_spec=cache_spec, flops=flops.brect_flops,
+    label=lambda cfg: f"BRecT:{cfg.brect.gate}:{'skip' if cfg.brect.skip else 'dual'}", check=check))

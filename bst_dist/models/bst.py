@@ -1,6 +1,6 @@
-"""The Block-State Transformer layer (docs/models.md): a Block Transformer layer whose
-tokens also cross-attend to SSM-produced context states, SH / MH / MF x s4d / unstruct, with
-the exact non-differentiable cross-sequence SSM carry (section 7).
+"""The Block-State Transformer layer: a Block Transformer layer whose tokens also
+cross-attend to SSM-produced context states, SH / MH / MF x s4d / unstruct, with the exact
+non-differentiable cross-sequence SSM carry (docs/model_spec.md, sections 4 and 5).
 
 Context states per variant, from the SSM output y (B, T, d, C):
   SH: C = 1, lifted to H heads by a per-head affine map; window i attends causally to its own W
@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bst_dist.config import ModelConfig
+from bst_dist.config import ConfigError, ModelConfig
 from bst_dist.models import attention as attn
-from bst_dist.models import ssm
+from bst_dist.models import flops, registry, ssm
 from bst_dist.models.block import SelfAttention, xl_cache_shape
 from bst_dist.models.modules import (Dropout, HeadProjection, HeadScale, PostAttn, RMSNorm, attn_dropout,
                                      fan_in_init, normal, param)
@@ -99,10 +99,14 @@ def _s4d_window_ends(u, h, log_dt, log_A_re, A_im, C_re, C_im, D, W):
 
 
 class ImplicitFilter(nnx.Module):
-    """Hyena-style unstructured filter: h(t) = exp(-|delta| t) MLP(PE(t)), finite support T."""
+    """Hyena-style unstructured filter: h(t) = exp(-|delta| t) MLP(PE(t)), finite support T;
+    MLP = three sine layers sin(f z W1 + b1), sin(z W2 + b2), sin(z W3 + b3), then W_out.
 
-    def __init__(self, d: int, C: int, emb_dim: int, hidden: int, sin_freq: float, rngs: nnx.Rngs):
-        self.d, self.C, self.emb_dim = d, C, emb_dim
+    Tap k is the filter at t = k / L, L the training length, for every call length T (the taps
+    of a T-long call are the first T of a longer one; past L they extend the learned function)."""
+
+    def __init__(self, d: int, C: int, emb_dim: int, hidden: int, sin_freq: float, L: int, rngs: nnx.Rngs):
+        self.d, self.C, self.emb_dim, self.L = d, C, emb_dim, L
         dims = [emb_dim, hidden, hidden, hidden]
         self.w = nnx.List([param(rngs, fan_in_init, (a, b), (None, None)) for a, b in zip(dims[:-1], dims[1:])])
         self.b = nnx.List([nnx.Param(jnp.zeros((b,), jnp.float32), axes=(None,)) for b in dims[1:]])
@@ -112,10 +116,14 @@ class ImplicitFilter(nnx.Module):
 
     def filter(self, T: int) -> jax.Array:
         """(T, C, d) float32."""
-        z = ssm.positional_features(T, self.emb_dim)
-        for w, b in zip(self.w, self.b):
-            z = jnp.sin(self.freq[...] * (z @ w[...] + b[...]))
-        k = (z @ self.w_out[...]) * ssm.hyena_decay(T, self.C * self.d)
+        z = ssm.positional_features(T, self.emb_dim, self.L)
+        # the sine frequency scales the first layer only (SIREN's omega_0), where it sets the
+        # bandwidth of the positional features; the hidden sines run at frequency 1. Scaling all
+        # three multiplies the first weight's gradient by about freq^3 (at freq 14: a global
+        # gradient norm ~100x the S4D twin's at init, which then sets every parameter's clip).
+        for i, (w, b) in enumerate(zip(self.w, self.b)):
+            z = jnp.sin((self.freq[...] if i == 0 else 1.0) * (z @ w[...] + b[...]))
+        k = (z @ self.w_out[...]) * ssm.hyena_decay(T, self.C * self.d, self.L)
         return k.reshape(T, self.C, self.d)
 
     def __call__(self, u: jax.Array, u_prev: jax.Array | None):
@@ -126,8 +134,6 @@ class ImplicitFilter(nnx.Module):
 
 
 class BSTLayer(nnx.Module):
-    kind = "bst"
-
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         d, H, hd, b = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.bst
@@ -137,7 +143,8 @@ class BSTLayer(nnx.Module):
             self.ssm = S4D(d, C, b.state_size, b.s4d_init, rngs, impl=b.ssm_impl,
                            chunk=min(b.ssm_chunk, cfg.block_len))
         else:
-            self.ssm = ImplicitFilter(d, C, b.filter_emb_dim, b.filter_hidden, b.filter_sin_freq, rngs)
+            self.ssm = ImplicitFilter(d, C, b.filter_emb_dim, b.filter_hidden, b.filter_sin_freq,
+                                     cfg.seq_len, rngs)
         if b.variant in ("SH", "MF"):  # "lift to heads": Dense 1 -> H on a trailing unit axis
             self.lift_w = param(rngs, normal(1.0), (H,), ("heads",))
             self.lift_b = nnx.Param(jnp.zeros((H,), jnp.float32), axes=("heads",))
@@ -150,23 +157,6 @@ class BSTLayer(nnx.Module):
         self.ctx_v = HeadProjection(d, H, hd, rngs)
         self.cross_scale = HeadScale(H, rngs)
         self.post = PostAttn(d, H, hd, cfg.mlp_dim, parts=2, rngs=rngs)
-
-    # -- cache ---------------------------------------------------------------------------------
-
-    @staticmethod
-    def cache_shape(cfg: ModelConfig, batch: int, seq_len: int) -> dict:
-        shapes = xl_cache_shape(cfg, batch)
-        b = cfg.bst
-        if b.carry and b.kernel == "s4d":
-            # complex state stored as two float32 arrays (portable through Orbax)
-            n2 = b.state_size // 2
-            shapes["h_re"] = jax.ShapeDtypeStruct((batch, cfg.d_model, n2), jnp.float32)
-            shapes["h_im"] = jax.ShapeDtypeStruct((batch, cfg.d_model, n2), jnp.float32)
-        if b.carry and b.kernel == "unstruct":
-            shapes["u"] = jax.ShapeDtypeStruct((batch, seq_len, cfg.d_model), jnp.dtype(cfg.dtype))
-        if b.variant == "MF":
-            shapes["ctx"] = jax.ShapeDtypeStruct((batch, b.num_context_states, cfg.d_model), jnp.float32)
-        return shapes
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -191,7 +181,7 @@ class BSTLayer(nnx.Module):
         a_self, (_, _, q2, *_), new_cache = self.attn(x, cache, live, drop)
         keep = live[:, None, None]
 
-        # SSM over the whole sequence (not per window: docs/models.md), carry read through stop_gradient.
+        # SSM over the whole sequence (not per window: docs/model_spec.md 4), carry read through stop_gradient.
         carry = None
         if b.carry and b.kernel == "s4d":
             h = jax.lax.stop_gradient(cache["h_re"] + 1j * cache["h_im"]).astype(jnp.complex64)
@@ -199,7 +189,7 @@ class BSTLayer(nnx.Module):
         elif b.carry:
             if cache["u"].shape[1] != T:
                 raise ValueError(f"the unstruct cache holds sequences of {cache['u'].shape[1]} tokens but the "
-                                 f"input has T={T}; build it with init_cache(batch, seq_len={T})")
+                                 f"input has T={T}; build it with Cache.zeros(cfg, batch, seq_len={T})")
             carry = jnp.where(keep, jax.lax.stop_gradient(cache["u"]), 0).astype(dt)
         mf_ends = b.variant == "MF" and b.kernel == "s4d" and b.ssm_impl == "chunked"
         if mf_ends:  # MF reads only the window-end positions: compute the SSM there alone
@@ -226,11 +216,62 @@ class BSTLayer(nnx.Module):
                                     mask=mask, dropout=dropout)
         else:  # MF
             ends = jnp.swapaxes(y if mf_ends else y[:, W - 1::W], -1, -2)  # (B, nb, S, d): window ends
-            prev = jnp.where(keep, jax.lax.stop_gradient(cache["ctx"]), self.init_context[...][None])
+            init = jnp.broadcast_to(self.init_context[...][None], ends[:, 0].shape)
+            if b.carry:  # window 0 sees the previous sequence's last context
+                prev = jnp.where(keep, jax.lax.stop_gradient(cache["ctx"]), init)
+                new_cache["ctx"] = jax.lax.stop_gradient(ends[:, -1])
+            else:
+                prev = init
             ctx = jnp.concatenate([prev[:, None], ends[:, :-1]], axis=1)  # shifted by one window
-            new_cache["ctx"] = jax.lax.stop_gradient(ends[:, -1])
             kc, vc = self._ctx_kv(self._lift(ctx[..., None]).astype(dt), self.context_ids[...])
             dropout = attn_dropout(drop, 4, (nb, cfg.num_heads, W, b.num_context_states))
             cross = attn.attend(q2b, kc, vc, self.cross_scale(), dropout=dropout)  # no mask
         cross = cross.reshape(a_self.shape)
         return self.post(x, [a_self, cross], drop=drop, site=3), new_cache
+
+
+def cache_spec(cfg: ModelConfig, batch: int, seq_len: int) -> dict:
+    """The XL cache, plus with `bst.carry` the SSM carry (S4D: the complex state after the last
+    token, stored as two float32 arrays, portable through Orbax; unstruct: the previous
+    sequence's SSM input) and for MF the previous sequence's last context states."""
+    shapes = xl_cache_shape(cfg, batch)
+    b = cfg.bst
+    if b.carry and b.kernel == "s4d":
+        n2 = b.state_size // 2
+        shapes["h_re"] = jax.ShapeDtypeStruct((batch, cfg.d_model, n2), jnp.float32)
+        shapes["h_im"] = jax.ShapeDtypeStruct((batch, cfg.d_model, n2), jnp.float32)
+    if b.carry and b.kernel == "unstruct":
+        shapes["u"] = jax.ShapeDtypeStruct((batch, seq_len, cfg.d_model), jnp.dtype(cfg.dtype))
+    if b.carry and b.variant == "MF":
+        shapes["ctx"] = jax.ShapeDtypeStruct((batch, b.num_context_states, cfg.d_model), jnp.float32)
+    return shapes
+
+
+def check(cfg: ModelConfig) -> None:
+    """The model.bst section (checked whether or not the stack has a BST layer, so a job does not
+    turn invalid when a layer index list changes)."""
+    b = cfg.bst
+    for key in ("state_size", "num_context_states", "filter_hidden", "filter_sin_freq", "ssm_chunk"):
+        if getattr(b, key) <= 0:
+            raise ConfigError(f"model.bst.{key}: must be > 0, got {getattr(b, key)}")
+    if b.state_size % 2:
+        raise ConfigError(f"model.bst.state_size: must be even (N/2 complex modes), got {b.state_size}")
+    # Hyena's positional features are [t, cos(f_j t), -sin(f_j t)] for j < J: 1 + 2J columns.
+    if b.filter_emb_dim < 3 or b.filter_emb_dim % 2 == 0:
+        raise ConfigError(f"model.bst.filter_emb_dim: must be odd and >= 3 (1 + 2J), got {b.filter_emb_dim}")
+    if cfg.block_len % min(b.ssm_chunk, cfg.block_len):
+        raise ConfigError(f"model.bst.ssm_chunk: {b.ssm_chunk} must divide model.block_len W={cfg.block_len}")
+
+
+def label(cfg: ModelConfig) -> str:
+    return f"BST:{cfg.bst.variant}:{'S4' if cfg.bst.kernel == 's4d' else 'unstruct'}"
+
+
+def exact_in_blocks(cfg: ModelConfig) -> bool:
+    """Only the S4D carry is exact at any call length: an unstructured filter has the call's
+    support (a W-long call sees W taps), and without the carry a call sees only itself."""
+    return cfg.bst.kernel == "s4d" and cfg.bst.carry
+
+
+registry.register(registry.LayerKind(name="bst", module=BSTLayer, cache_spec=cache_spec, flops=flops.bst_flops,
+                                     label=label, check=check, exact_in_blocks=exact_in_blocks))

@@ -1,34 +1,33 @@
 """The language model: tied embedding, a hybrid stack of Block / BST / BRecT layers from config,
-final RMS norm and the tied output head scaled by 1/sqrt(d) (docs/models.md says
-1/sqrt(V); meliad's decoder_stack.py divides by sqrt(ys.shape[-1]) = sqrt(d): see docs/models.md).
+final RMS norm and the tied output head scaled by 1/sqrt(d) (meliad's decoder_stack.py divides
+by sqrt(ys.shape[-1]) = sqrt(d), not sqrt(V): docs/model_spec.md, sections 1 and 6).
 
     model = build(cfg.model, rngs=nnx.Rngs(seed))
-    cache = model.init_cache(batch_size)
+    cache = model.init_cache(batch_size)                     # = Cache.zeros(cfg.model, batch_size)
     logits, cache = model(tokens, cache, doc_start)
+    nats, count, cache = model.loss(tokens, targets, mask, cache, doc_start)   # training / evaluation
+    nll, cache = model.token_nll(tokens, targets, cache, doc_start)            # per-token nats
 
-The cache is an explicit pytree: {"valid": bool[B], "layers": [per-layer dict]}. `valid` is
-False in a fresh cache; a row reads its cached values only where valid and not doc_start
-(otherwise the initial values: zeros, the learned BRecT state, the learned MF context), so a
-fresh cache and doc_start=True give the same result, and previous-block keys are masked out
-rather than attended as zeros.
+The cache is an explicit pytree (models/cache.py): {"valid": bool[B], "layers": [per-layer
+dict]}. A row reads its cached values only where valid and not doc_start (otherwise the initial
+values: zeros, the learned BRecT state, the learned MF context), so a fresh cache and
+doc_start=True give the same result, and previous-block keys are masked out rather than attended
+as zeros. The head and its cross-entropy are models/loss.py.
 """
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bst_dist.config import ModelConfig
 from bst_dist.errors import UserError
-from bst_dist.models.block import BlockLayer
-from bst_dist.models.brect import BRecTLayer
-from bst_dist.models.bst import BSTLayer
+from bst_dist.models import loss as loss_lib
+from bst_dist.models import registry
+from bst_dist.models.cache import Cache
 from bst_dist.models.modules import Dropout, RMSNorm, maybe_dropout
-
-LAYER_TYPES = {"block": BlockLayer, "bst": BSTLayer, "brect": BRecTLayer}
 
 
 class InputError(UserError, ValueError):
@@ -41,18 +40,17 @@ class LM(nnx.Module):
         self.remat = remat
         V, d = cfg.padded_vocab, cfg.d_model
         self.embed = nnx.Param(jax.random.normal(rngs.params(), (V, d), jnp.float32), axes=("vocab", "embed"))
-        self.layers = nnx.List([LAYER_TYPES[cfg.layer_kind(i)](cfg, rngs) for i in range(cfg.num_layers)])
+        self.layers = nnx.List([kind.module(cfg, rngs) for kind in registry.stack(cfg)])
         self.final_norm = RMSNorm(d, rngs)
 
     # -- cache ---------------------------------------------------------------------------------
 
     def cache_shape(self, batch_size: int, seq_len: int | None = None) -> dict:
-        return cache_shape(self.cfg, batch_size, seq_len)
+        return Cache.spec(self.cfg, batch_size, seq_len)
 
     def init_cache(self, batch_size: int, seq_len: int | None = None) -> dict:
-        """A fresh (all-invalid) cache. seq_len only matters for unstructured-filter BST layers,
-        whose carry is the previous sequence's input (default: the configured L)."""
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.cache_shape(batch_size, seq_len))
+        """A fresh (all-invalid) cache: `Cache.zeros(cfg, batch_size, seq_len)`."""
+        return Cache.zeros(self.cfg, batch_size, seq_len)
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -72,7 +70,9 @@ class LM(nnx.Module):
             raise InputError(f"the cache was built for batch size {cb} but tokens have B={B}; "
                              f"use model.init_cache({B})")
         if not isinstance(tokens, jax.core.Tracer):
-            lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+            # numpy, not jnp: under jit/grad a jnp reduction of closed-over concrete tokens is traced
+            t = np.asarray(tokens)
+            lo, hi = int(t.min()), int(t.max())
             if lo < 0 or hi >= cfg.vocab_size:
                 raise InputError(f"token id {lo if lo < 0 else hi} out of range; allowed 0..{cfg.vocab_size - 1}")
 
@@ -94,12 +94,23 @@ class LM(nnx.Module):
 
     def logits(self, x: jax.Array) -> jax.Array:
         """(B, T, d) -> (B, T, V_padded) float32; padded ids get -1e9."""
-        cfg = self.cfg
-        logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(x.dtype),
-                            preferred_element_type=jnp.float32) / math.sqrt(cfg.d_model)
-        if cfg.padded_vocab > cfg.vocab_size:
-            logits = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, logits, -1e9)
-        return logits
+        return loss_lib.head_logits(x, self.embed[...], self.cfg.vocab_size)
+
+    def loss(self, tokens: jax.Array, targets: jax.Array, mask: jax.Array, cache: dict, doc_start: jax.Array,
+             dropout: Dropout | None = None, chunk: int = 2048) -> tuple[jax.Array, jax.Array, dict]:
+        """(summed nats over mask-in targets, number of mask-in targets, new cache). The head runs
+        in chunks of `chunk` tokens: the (B, T, V) logits are never materialised."""
+        x, cache = self.features(tokens, cache, doc_start, dropout)
+        mask = mask.astype(jnp.float32)
+        nats = loss_lib.masked_nll_sum(x, self.embed[...], targets, mask, vocab_size=self.cfg.vocab_size,
+                                       chunk=chunk)
+        return nats, jnp.sum(mask), cache
+
+    def token_nll(self, tokens: jax.Array, targets: jax.Array, cache: dict, doc_start: jax.Array,
+                  chunk: int = 2048) -> tuple[jax.Array, dict]:
+        """(per-token nats (B, T) float32, new cache), the head in chunks (for evaluation)."""
+        x, cache = self.features(tokens, cache, doc_start)
+        return loss_lib.token_nll(x, self.embed[...], targets, vocab_size=self.cfg.vocab_size, chunk=chunk), cache
 
     def __call__(self, tokens: jax.Array, cache: dict, doc_start: jax.Array,
                  dropout: Dropout | None = None) -> tuple[jax.Array, dict]:
@@ -118,13 +129,6 @@ def _call_layer(layer, x, cache, live, drop, remat: str):
         return layer(x, cache, live, drop)
     fn = nnx.remat(lambda m, x, c, l, d: m(x, c, l, d), policy=_REMAT_POLICIES[remat])
     return fn(layer, x, cache, live, drop)
-
-
-def cache_shape(cfg: ModelConfig, batch_size: int, seq_len: int | None = None) -> dict:
-    """The cache pytree as ShapeDtypeStructs (no model needed: the trainer shards it from this)."""
-    T = cfg.seq_len if seq_len is None else seq_len
-    layers = [LAYER_TYPES[cfg.layer_kind(i)].cache_shape(cfg, batch_size, T) for i in range(cfg.num_layers)]
-    return {"valid": jax.ShapeDtypeStruct((batch_size,), jnp.bool_), "layers": layers}
 
 
 def build(cfg: ModelConfig, rngs: nnx.Rngs, remat: str = "none") -> LM:

@@ -1,4 +1,4 @@
-"""Building blocks shared by every layer kind (docs/models.md): RMS norm, the KVQ
+"""Building blocks shared by every layer kind (docs/model_spec.md, section 1): RMS norm, the KVQ
 projection with L2-normalised keys and queries, the T5 relative-position table, the
 concatenate-then-project output with the FFN, and per-lane dropout.
 
@@ -84,7 +84,7 @@ class RMSNorm(nnx.Module):
 
 
 class HeadProjection(nnx.Module):
-    """Dense d -> (H, hd), no bias: the W_K / W_V / W_Q of docs/models.md"""
+    """Dense d -> (H, hd), no bias: the W_K / W_V / W_Q of docs/model_spec.md, section 1"""
 
     def __init__(self, d: int, H: int, hd: int, rngs: nnx.Rngs):
         self.kernel = param(rngs, jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
@@ -149,7 +149,7 @@ class FFN(nnx.Module):
 
 
 class PostAttn(nnx.Module):
-    """O = X + Dense(concat_heads(parts)); Y = O + dropout(FFN(LN(O))) (docs/models.md)."""
+    """O = X + Dense(concat_heads(parts)); Y = O + dropout(FFN(LN(O))) (docs/model_spec.md, section 1)."""
 
     def __init__(self, d: int, H: int, hd: int, F: int, parts: int, rngs: nnx.Rngs):
         self.out = param(rngs, jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",

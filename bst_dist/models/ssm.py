@@ -1,5 +1,5 @@
 """SSM math as plain functions: S4D kernels, Hyena-style unstructured filters, the FFT
-convolution, and the exact cross-sequence carry (docs/models.md 5.2 and 7).
+convolution, and the exact cross-sequence carry (docs/model_spec.md, sections 4 and 5).
 
 Shapes: u (B, T, d) real; kernels k (T, C, d); outputs y (B, T, d, C). C is the number of
 channels per feature (1 for SH, H for MH, S for MF).
@@ -63,7 +63,7 @@ def s4d_kernel(dtA: jax.Array, Bbar: jax.Array, C: jax.Array, T: int, V: jax.Arr
 
 def s4d_carry(u: jax.Array, h: jax.Array, dtA: jax.Array, Bbar: jax.Array, C: jax.Array,
               V: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """The exact cross-sequence carry (docs/models.md).
+    """The exact cross-sequence carry (docs/model_spec.md, section 5).
 
     u (B, T, d) this sequence's SSM input; h (B, d, N/2) complex state after the previous
     sequence's last token (0 at a document start). Returns
@@ -86,22 +86,24 @@ def s4d_carry(u: jax.Array, h: jax.Array, dtA: jax.Array, Bbar: jax.Array, C: ja
 # Unstructured (Hyena-style implicit) filters
 
 
-def positional_features(T: int, emb_dim: int) -> jax.Array:
-    """Hyena's PE(t_k) = [t_k, cos(2 pi f_j k / T), -sin(2 pi f_j k / T)], (T, emb_dim)."""
+def positional_features(T: int, emb_dim: int, L: int) -> jax.Array:
+    """Hyena's PE(t_k) = [t_k, cos(2 pi f_j t_k), -sin(2 pi f_j t_k)] at t_k = k / L, k = 0..T-1:
+    (T, emb_dim). The grid is the training length L whatever T, so a tap's value never depends on
+    the call length; taps k >= L (T > L) extend the learned function past t = 1."""
     J = (emb_dim - 1) // 2
-    t = jnp.linspace(0.0, 1.0, T, dtype=jnp.float32)[:, None]
-    k = jnp.arange(T, dtype=jnp.float32)[:, None]
+    t = (jnp.arange(T, dtype=jnp.float32) / L)[:, None]
     f = jnp.linspace(1e-4, J - 1, J, dtype=jnp.float32)[None, :]
-    z = 2 * math.pi * f * k / T
+    z = 2 * math.pi * f * t
     return jnp.concatenate([t, jnp.cos(z), -jnp.sin(z)], axis=-1)
 
 
-def hyena_decay(T: int, n_out: int, fast: float = 0.3, slow: float = 1.5, target: float = 1e-2) -> jax.Array:
-    """exp(-|delta| t) with |delta| = linspace(ln(1/target)/slow, ln(1/target)/fast): (T, n_out).
-
-    The filters fall to 1% of their start between 30% and 150% of the sequence (Hyena's default).
+def hyena_decay(T: int, n_out: int, L: int, fast: float = 0.3, slow: float = 1.5,
+                target: float = 1e-2) -> jax.Array:
+    """exp(-|delta| t_k) at t_k = k / L with |delta| = linspace(ln(1/target)/slow,
+    ln(1/target)/fast): (T, n_out). The filters fall to 1% of their start between 30% and 150% of
+    the training length L (Hyena's default), on the same grid as `positional_features`.
     """
-    t = jnp.linspace(0.0, 1.0, T, dtype=jnp.float32)[:, None]
+    t = (jnp.arange(T, dtype=jnp.float32) / L)[:, None]
     deltas = jnp.linspace(math.log(1 / target) / slow, math.log(1 / target) / fast, n_out, dtype=jnp.float32)
     return jnp.exp(-t * deltas[None, :])
 
@@ -114,7 +116,7 @@ def fft_conv(u: jax.Array, k: jax.Array, D: jax.Array) -> jax.Array:
     """Causal long convolution y[b,t,d,c] = sum_{s<=t} k[t-s,c,d] u[b,s,d] + D[c,d] u[b,t,d].
 
     u (B, T, d), k (T, C, d), D (C, d) -> (B, T, d, C) float32. FFT over time at size 2T with
-    default norms (docs/models.md: the paper's pseudocode transforms the wrong axis and rescales).
+    default norms (docs/model_spec.md 6: the paper's pseudocode transforms the wrong axis and rescales).
     """
     T = u.shape[1]
     uf = jnp.fft.rfft(u.astype(jnp.float32), n=2 * T, axis=1)  # (B, F, d)
@@ -125,7 +127,7 @@ def fft_conv(u: jax.Array, k: jax.Array, D: jax.Array) -> jax.Array:
 
 
 def fft_conv_with_prefix(u_prev: jax.Array, u: jax.Array, k: jax.Array, D: jax.Array) -> jax.Array:
-    """Finite-support carry for unstructured filters (docs/models.md).
+    """Finite-support carry for unstructured filters (docs/model_spec.md, section 5).
 
     The last T outputs of the *circular* convolution at size 2T over [u_prev; u] equal the linear
     convolution of the concatenation there (wrap-around only pollutes indices < T - 1), so the

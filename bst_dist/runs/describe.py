@@ -12,12 +12,9 @@ from bst_dist.config import JobConfig, ModelConfig
 
 
 def layer_label(cfg: ModelConfig, i: int) -> str:
-    kind = cfg.layer_kind(i)
-    if kind == "bst":
-        return f"BST:{cfg.bst.variant}:{'S4' if cfg.bst.kernel == 's4d' else 'unstruct'}"
-    if kind == "brect":
-        return f"BRecT:{cfg.brect.gate}:{'skip' if cfg.brect.skip else 'dual'}"
-    return "Trsf-XL" if cfg.block_len == cfg.seq_len else "Block"
+    from bst_dist.models.registry import kind_of
+
+    return kind_of(cfg, i).label(cfg)
 
 
 def count_params(cfg: ModelConfig) -> dict:

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from bst_dist import parallel
 from bst_dist.config import JobConfig
 from bst_dist.errors import UserError
-from bst_dist.models import build, cache_shape
+from bst_dist.models import Cache, build, cache_shape
 from bst_dist.train.optim import make_optimizer
 
 
@@ -104,9 +104,7 @@ def create(cfg: JobConfig, mesh: Mesh) -> tuple[Setup, dict, Any]:
             return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
         state = jax.jit(init, out_shardings=setup.state_shardings)()
-    shapes = cache_shape(cfg.model, cfg.train.global_batch_size)
-    cache = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-                    out_shardings=setup.cache_shardings)()
+    cache = Cache.zeros(cfg.model, cfg.train.global_batch_size, sharding=setup.cache_shardings)
     return setup, state, cache
 
 

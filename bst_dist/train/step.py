@@ -1,7 +1,9 @@
 """train_step(state, cache, batch) -> (state, cache, metrics), jitted once with explicit
 shardings and donation.
 
-* Loss: mean next-token cross-entropy over `loss_mask` (nats/token) of the global batch.
+* Loss: mean next-token cross-entropy over `loss_mask` (nats/token) of the global batch, from
+  `LM.loss` (the chunked head of models/loss.py). The batch arrives as a dict placed by
+  `batch_shardings` and is read as a typed `Batch` (train/batch.py).
 * Gradient accumulation splits the lanes, never the sequence: micro-batch j takes lanes
   j, j+A, j+2A, ... so every data shard contributes to every micro-batch and each lane's
   sequences still reach the cache in order, one per step.
@@ -21,17 +23,8 @@ from flax import nnx
 
 from bst_dist.models.modules import Dropout
 from bst_dist.parallel import batch_sharding
-from bst_dist.train.chunked_loss import chunked_cross_entropy
+from bst_dist.train.batch import FIELDS, Batch
 from bst_dist.train.state import Setup
-
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "doc_start")
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Summed nats over mask-in targets. logits (B, T, V) float32."""
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((lse - picked) * mask)
 
 
 def _lanes_to_micro(x: jax.Array, A: int) -> jax.Array:
@@ -53,23 +46,21 @@ def make_train_step(setup: Setup):
     use_dropout = m.dropout > 0 or m.attn_dropout > 0
     base_key = jax.random.key(cfg.train.seed)
 
-    def micro_loss(params, cache, batch, keys):
+    def micro_loss(params, cache, batch: Batch, keys):
         model = nnx.merge(graphdef, params)
         drop = Dropout(keys, m.dropout, m.attn_dropout) if use_dropout else None
-        doc_start = batch["doc_start"] if carry_cache else jnp.ones_like(batch["doc_start"])
-        x, new_cache = model.features(batch["inputs"], cache, doc_start, drop)
-        # the head and loss in chunks: the (B, T, V) float32 logits are never materialised
-        nats = chunked_cross_entropy(x, model.embed[...], batch["targets"], batch["loss_mask"],
-                                     vocab_size=m.vocab_size)
+        doc_start = batch.doc_start if carry_cache else jnp.ones_like(batch.doc_start)
+        # the head runs in chunks: the (B, T, V) float32 logits are never materialised
+        nats, _, new_cache = model.loss(batch.inputs, batch.targets, batch.loss_mask, cache, doc_start, drop)
         return nats, new_cache
 
     def train_step(state, cache, batch):
         params, step = state["params"], state["step"]
-        B = batch["inputs"].shape[0]
+        batch = Batch.of(batch)
+        B = batch.inputs.shape[0]
         step_key = jax.random.fold_in(base_key, step)
         keys = jax.vmap(lambda lane: jax.random.fold_in(step_key, lane))(jnp.arange(B))
-        batch = {k: batch[k] for k in BATCH_KEYS}
-        tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        tokens = jnp.maximum(jnp.sum(batch.loss_mask), 1.0)
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
         if A == 1:
             (nats, new_cache), grads = grad_fn(params, cache, batch, keys)
@@ -103,5 +94,5 @@ def make_train_step(setup: Setup):
 
 
 def batch_shardings(setup: Setup) -> dict[str, Any]:
-    """Batch fields are sharded along lanes like the cache."""
-    return {k: batch_sharding(setup.mesh, 1 if k == "doc_start" else 2, setup.rules) for k in BATCH_KEYS}
+    """Batch fields are sharded along lanes like the cache (a dict: what the loop's batches are)."""
+    return {k: batch_sharding(setup.mesh, Batch.ndim(k), setup.rules) for k in FIELDS}
