@@ -162,7 +162,12 @@ def status(job_id: str, *, address: Optional[str] = None) -> tuple[str, str]:
     return str(info.status.value), info.message or ""
 
 
-def stop(job_id: str, *, address: Optional[str] = None, wait: float = 60.0) -> str:
+def stop(job_id: str, *, address: Optional[str] = None, wait: Optional[float] = None) -> str:
+    """Stop the job and wait for its final status: by default as long as the job server waits for
+    the driver's final checkpoint (RAY_JOB_STOP_WAIT_TIME_S), plus a margin for the status."""
+    from bst_dist.launch.stop import DEFAULT_STOP_WAIT_S
+
+    wait = DEFAULT_STOP_WAIT_S + 30.0 if wait is None else wait
     c = client(address)
     c.stop_job(job_id)
     return wait_status(c, job_id, timeout=wait)
