@@ -35,10 +35,15 @@ def cpu_xla_flags(devices: int, existing: str = "") -> str:
 
 
 def worker_env(cfg: JobConfig) -> dict[str, str]:
-    """Environment variables of every worker: the YAML's runtime_env.env_vars, plus, on CPU,
+    """Environment variables of every worker: the YAML's runtime_env.env_vars and this process's
+    object-storage settings (bst_dist.storage.settings), plus, on CPU,
     JAX_PLATFORMS=cpu and the fake-device count (XLA reads it before JAX starts)."""
     r = cfg.ray
-    env = {str(k): str(v) for k, v in (r.runtime_env.get("env_vars") or {}).items()}
+    from bst_dist.storage import worker_env as storage_env
+
+    # the storage endpoint of this process (an emulator, credentials): workers inherit the
+    # raylet's environment, not the driver's; the YAML's env_vars win
+    env = {**storage_env(), **{str(k): str(v) for k, v in (r.runtime_env.get("env_vars") or {}).items()}}
     if platform(r) == "cpu":
         env.setdefault("JAX_PLATFORMS", "cpu")
         if r.cpu_devices_per_worker:
