@@ -1,47 +1,16 @@
-"""Reading a corpus from a local folder or from object storage (gs://, s3://, file://, ...).
-
-URLs go through tensorstore's key-value stores (installed with orbax), which read gs:// without
-TensorFlow or gcsfs; local paths go through the OS. Only listing and whole-file reads are needed.
-"""
+"""Reading a corpus from a local folder or from object storage (gs://, s3://, file://, ...): the
+corpus readers' view of bst_dist.storage (one storage layer for the whole project, configured
+once: see bst_dist/storage/settings.py). Only listing and whole-file reads are needed; local
+folders are walked here, following symlinks, with everything left out counted."""
 
 from __future__ import annotations
 
-import functools
 import os
 import stat
 
+from bst_dist.storage import exists, is_url, isdir, join, read_bytes  # noqa: F401
 
-def is_url(path: str) -> bool:
-    return "://" in path
-
-
-@functools.lru_cache(maxsize=8)
-def _kvstore(root_url: str):
-    import tensorstore as ts
-
-    return ts.KvStore.open(root_url.rstrip("/") + "/").result()
-
-
-def _split_url(url: str) -> tuple[str, str]:
-    """'gs://b/x/y.txt' -> ('gs://b/x/', 'y.txt'): a store rooted at the parent folder."""
-    head, _, name = url.rstrip("/").rpartition("/")
-    return head + "/", name
-
-
-def exists(path: str) -> bool:
-    if not is_url(path):
-        return os.path.exists(path)
-    root, name = _split_url(path)
-    kv = _kvstore(root)
-    if kv.read(name.encode()).result().state == "value":
-        return True
-    return bool(_kvstore(path).list().result())  # a folder: exists when it holds something
-
-
-def is_dir(path: str) -> bool:
-    if not is_url(path):
-        return os.path.isdir(path)
-    return bool(_kvstore(path).list().result())
+is_dir = isdir
 
 
 class Skipped:
@@ -82,11 +51,14 @@ def list_files(root: str, suffixes: tuple[str, ...], skipped: Skipped | None = N
     skipped = skipped if skipped is not None else Skipped()
     out = []
     if is_url(root):
-        kv = _kvstore(root)
-        for key in kv.list().result():
-            rel = key.decode()
+        from bst_dist.storage.ops import _fs
+
+        fs, base = _fs(root)
+        base = base.rstrip("/")
+        for path, info in sorted(fs.find(base, detail=True).items()):
+            rel = path[len(base) + 1:]
             if _matches(rel, suffixes):
-                out.append((rel, -1))  # size unknown without a read; -1 means "unknown"
+                out.append((rel, int(info.get("size") or -1)))
             else:
                 skipped.add(f"files not ending in {'/'.join(suffixes)}", rel)
         return sorted(out)
@@ -131,20 +103,3 @@ def list_files(root: str, suffixes: tuple[str, ...], skipped: Skipped | None = N
 
     walk(root, "", frozenset())
     return sorted(out)
-
-
-def join(root: str, rel: str) -> str:
-    if is_url(root):
-        return root.rstrip("/") + "/" + rel
-    return os.path.join(root, *rel.split("/"))
-
-
-def read_bytes(path: str) -> bytes:
-    if not is_url(path):
-        with open(path, "rb") as f:
-            return f.read()
-    root, name = _split_url(path)
-    result = _kvstore(root).read(name.encode()).result()
-    if result.state != "value":
-        raise FileNotFoundError(path)
-    return bytes(result.value)

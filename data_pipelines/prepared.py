@@ -149,6 +149,17 @@ def _options(data_cfg) -> dict:
 def ensure_prepared(data_cfg) -> str:
     """The prepared directory for a job's `data:` section. `data.path` when set (it must hold a
     complete, valid preparation); else <cache>/data/<corpus>, prepared on first use."""
+    if data_cfg.path and "://" in data_cfg.path:  # object storage: a copy in this node's cache
+        from bst_dist.storage import prepared as remote
+
+        cache = cache_root(data_cfg.cache_dir)
+        with _lock(remote.copy_slot(data_cfg.path, cache) + ".lock"):  # one download per node
+            local = remote.local_copy(data_cfg.path, cache)
+            if not os.path.exists(os.path.join(local, "manifest.json")):
+                raise DataError(f"prepared data {data_cfg.path}: no manifest.json (not prepared, or prepare-data "
+                                "did not finish; rerun it)")
+            read_manifest(local)
+        return local
     if data_cfg.path:
         path = os.path.abspath(os.path.expanduser(data_cfg.path))
         read_manifest(path)

@@ -312,6 +312,13 @@ def prepare(corpus: str, src: str | None, out: str, *, num_shards: int = 8, work
     if num_shards < 1:
         raise DataError(f"--num-shards: must be >= 1, got {num_shards}")
     cache = cache_root(cache_dir)
+    if "://" in out:  # object storage: prepare in a local staging folder, then upload
+        from bst_dist.storage import prepared as remote
+
+        manifest = prepare(corpus, src, remote.staging_dir(out, cache), num_shards=num_shards, workers=workers,
+                           val_fraction=val_fraction, text_field=text_field, cache_dir=cache, progress=progress)
+        remote.publish(remote.staging_dir(out, cache), out)
+        return manifest
     out = os.path.abspath(os.path.expanduser(out))
     source = corpora.source_id(corpus, src)
     src = source if src else None

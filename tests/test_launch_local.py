@@ -131,7 +131,9 @@ def test_submission_entrypoint_runtime_env_and_resources(tmp_path):
                   "--set train.steps=10 --set 'train.run_dir=/x y'")
     res = config.load(TINY, ["ray.entrypoint_resources={CPU: 1, memory: 2000000000, ssd: 1}"])
     assert submit.entrypoint_resources(res) == {
-        "entrypoint_num_cpus": 1, "entrypoint_memory": 2_000_000_000, "entrypoint_resources": {"ssd": 1.0}}
+        "entrypoint_num_cpus": 1, "entrypoint_memory": 2_000_000_000,
+        "entrypoint_resources": {"ssd": 1.0, "node:__internal_head__": 0.001}}  # the driver stays on the head
+    assert submit.entrypoint_resources(config.load(TINY, ["ray.entrypoint_resources={}"])) == {}
     with pytest.raises(ConfigError, match="inside the working dir"):
         submit.job_path_in(TINY, str(tmp_path))
 

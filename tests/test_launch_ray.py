@@ -219,3 +219,46 @@ def test_ray_job_submit_then_bst_dist_submit_resumes(head, tmp_path):
         recorded = yaml.safe_load(f)
     # the resumed run's own resolved spec, with the path the workers wrote to
     assert recorded["train"]["steps"] == 4 and recorded["train"]["run_dir"] == str(run_dir)
+
+
+@pytest.mark.slow  # minutes on 2 cores: a submitted job, a stop, a resume; tests/test_launch_stop.py is the cheap case
+def test_ray_job_stop_saves_the_current_step_and_the_resumed_run_is_the_same(head, reference, tmp_path):
+    """`ray job stop` signals only the driver; the driver passes it to the workers (a Ray actor),
+    which save the step they are at and return. Resuming from that checkpoint ends with the
+    uninterrupted run's parameters. Periodic checkpoints are off, so the only one is the stop's."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    run_dir = tmp_path / "stopped"
+    overrides = [*TINY, f"train.run_dir={run_dir}", "checkpoint.every=100", "train.log_every=1"]
+    env = head.client_env()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        c = JobSubmissionClient(head.dashboard_url)
+        job_id = c.submit_job(
+            entrypoint=f"{sys.executable} tests/stop_driver.py {JOB} '{json.dumps(overrides)}'",
+            runtime_env={"working_dir": REPO, "excludes": [".git", "runs/", "__pycache__/"],
+                         "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}})
+        deadline = time.monotonic() + 300
+        while not (run_dir / "reported-2").exists():
+            assert time.monotonic() < deadline and c.get_job_status(job_id) in (JobStatus.PENDING, JobStatus.RUNNING), \
+                c.get_job_logs(job_id)[-3000:]
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        c.stop_job(job_id)
+        while c.get_job_status(job_id) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
+            assert time.monotonic() - t0 < 120, "the stop took longer than RAY_JOB_STOP_WAIT_TIME_S"
+            time.sleep(0.2)
+        logs = c.get_job_logs(job_id)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert c.get_job_status(job_id) == JobStatus.STOPPED, logs[-3000:]
+    reported = max(int(p.name.split("-")[1]) for p in run_dir.glob("reported-*"))
+    steps = _checkpoint_steps(run_dir)
+    assert steps == [reported] and 2 <= reported < 6, (steps, reported, logs[-3000:])
+    assert "asking every worker to checkpoint and stop" in logs
+
+    out = launch.train(tiny(run_dir, "checkpoint.every=100"), workers=2)
+    assert out["start_step"] == reported
+    assert out["params_digest"] == reference["params_digest"]

@@ -35,10 +35,15 @@ def cpu_xla_flags(devices: int, existing: str = "") -> str:
 
 
 def worker_env(cfg: JobConfig) -> dict[str, str]:
-    """Environment variables of every worker: the YAML's runtime_env.env_vars, plus, on CPU,
+    """Environment variables of every worker: the YAML's runtime_env.env_vars and this process's
+    object-storage settings (bst_dist.storage.settings), plus, on CPU,
     JAX_PLATFORMS=cpu and the fake-device count (XLA reads it before JAX starts)."""
     r = cfg.ray
-    env = {str(k): str(v) for k, v in (r.runtime_env.get("env_vars") or {}).items()}
+    from bst_dist.storage import worker_env as storage_env
+
+    # the storage endpoint of this process (an emulator, credentials): workers inherit the
+    # raylet's environment, not the driver's; the YAML's env_vars win
+    env = {**storage_env(), **{str(k): str(v) for k, v in (r.runtime_env.get("env_vars") or {}).items()}}
     if platform(r) == "cpu":
         env.setdefault("JAX_PLATFORMS", "cpu")
         if r.cpu_devices_per_worker:
@@ -76,7 +81,7 @@ def run_config(cfg: JobConfig):
         worker_runtime_env={"env_vars": worker_env(cfg)})
 
 
-def build_trainer(cfg: JobConfig, train_fn: Optional[Callable[..., Any]] = None):
+def build_trainer(cfg: JobConfig, train_fn: Optional[Callable[..., Any]] = None, stop_signal=None):
     from ray.train.v2.jax import JaxConfig, JaxTrainer
 
     from bst_dist.launch.worker import train_worker
@@ -84,7 +89,8 @@ def build_trainer(cfg: JobConfig, train_fn: Optional[Callable[..., Any]] = None)
     r = cfg.ray
     return JaxTrainer(
         train_worker,
-        train_loop_config={"job": config_lib.to_dict(cfg), "platform": platform(r), "train_fn": train_fn},
+        train_loop_config={"job": config_lib.to_dict(cfg), "platform": platform(r), "train_fn": train_fn,
+                           "stop_signal": stop_signal},
         jax_config=JaxConfig(use_gpu=r.use_gpu, use_tpu=r.use_tpu),
         scaling_config=scaling_config(r), run_config=run_config(cfg))
 
@@ -131,9 +137,17 @@ def fit(cfg: JobConfig, train_fn: Optional[Callable[..., Any]] = None) -> Any:
     """Run the job on the Ray cluster this process is connected to; rank 0's summary."""
     from ray.train import TrainingFailedError
 
-    trainer = build_trainer(cfg, train_fn)
-    try:
-        result = trainer.fit()
-    except TrainingFailedError as e:
-        raise TrainingFailed(describe_failure(e, cfg.ray.max_failures)) from e
+    from bst_dist.launch.stop import driver_sigterm_sets, make_stop_signal
+    from bst_dist.train.preemption import PREEMPTED_EXIT_CODE
+
+    stop_signal = make_stop_signal()
+    trainer = build_trainer(cfg, train_fn, stop_signal)
+    with driver_sigterm_sets(stop_signal) as stopped:
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as e:
+            raise TrainingFailed(describe_failure(e, cfg.ray.max_failures)) from e
+    if stopped.is_set():
+        # Every worker saved and returned; the driver ends as a SIGTERMed run does.
+        raise SystemExit(PREEMPTED_EXIT_CODE)
     return result.return_value

@@ -6,7 +6,8 @@ PYTHONPATH for the entrypoint and every worker, so the cluster runs exactly this
 bst_dist; plus the YAML's `ray.runtime_env` (env_vars, pip, excludes, ...). The entrypoint is
 `python -m bst_dist train JOB.yaml --set ...`: it needs Python with the dependencies (the
 cluster image), not an installed `bst-dist` script. The job's resources for the entrypoint come
-from `ray.entrypoint_resources` (CPU, GPU, memory, or custom resources).
+from `ray.entrypoint_resources` (CPU, GPU, memory, or custom resources); the driver stays on the
+head in any case (see entrypoint_resources).
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ def job_runtime_env(cfg: JobConfig, working_dir: Optional[str] = None) -> dict:
     wd = working_dir or env.get("working_dir") or "."
     env["working_dir"] = wd if "://" in wd else os.path.abspath(wd)
     env["excludes"] = list(dict.fromkeys([*DEFAULT_EXCLUDES, *env.get("excludes", [])]))
+    # Ray's job server reads this in the job's supervisor (which gets the job's env_vars): how long
+    # a stopped driver has for the workers' final checkpoint before it is SIGKILLed.
+    from bst_dist.launch.stop import DEFAULT_STOP_WAIT_S, STOP_WAIT_ENV
+
+    env["env_vars"] = {STOP_WAIT_ENV: str(DEFAULT_STOP_WAIT_S), **(env.get("env_vars") or {})}
     return env
 
 
@@ -55,9 +61,19 @@ def job_path_in(job: str, working_dir: str) -> str:
     return rel
 
 
+# Ray's own resource of the head node (1 there, absent elsewhere).
+HEAD_RESOURCE = "node:__internal_head__"
+
+
 def entrypoint_resources(cfg: JobConfig) -> dict:
-    """ray.entrypoint_resources -> submit_job keyword arguments."""
+    """ray.entrypoint_resources -> submit_job keyword arguments. Ray pins an entrypoint to the head
+    only when it asks for no resources; with any, the driver may land on a GPU/TPU host, and
+    losing that host kills the job whatever ray.max_failures says. So any request also asks for
+    a sliver of the head's own resource, which keeps the driver on the head."""
     res = dict(cfg.ray.entrypoint_resources)
+    if not res:
+        return {}
+    res.setdefault(HEAD_RESOURCE, 0.001)
     kwargs: dict = {}
     if "CPU" in res:
         kwargs["entrypoint_num_cpus"] = res.pop("CPU")
@@ -146,7 +162,12 @@ def status(job_id: str, *, address: Optional[str] = None) -> tuple[str, str]:
     return str(info.status.value), info.message or ""
 
 
-def stop(job_id: str, *, address: Optional[str] = None, wait: float = 60.0) -> str:
+def stop(job_id: str, *, address: Optional[str] = None, wait: Optional[float] = None) -> str:
+    """Stop the job and wait for its final status: by default as long as the job server waits for
+    the driver's final checkpoint (RAY_JOB_STOP_WAIT_TIME_S), plus a margin for the status."""
+    from bst_dist.launch.stop import DEFAULT_STOP_WAIT_S
+
+    wait = DEFAULT_STOP_WAIT_S + 30.0 if wait is None else wait
     c = client(address)
     c.stop_job(job_id)
     return wait_status(c, job_id, timeout=wait)

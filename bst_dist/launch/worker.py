@@ -7,6 +7,8 @@
       2. SIGTERM -> stop request: Ray runs the training function in a thread and Python lets only
          the main thread install signal handlers, so the handler is installed on the actor's main
          thread (idle once the training thread runs) and sets an Event the loop polls.
+      2b. A stop of the job reaches the driver only; it sets a Ray actor the workers wait on
+         (stop.py), which sets the same Event; the workers then save, return and the run ends.
       3. train_fn(cfg, report=..., [stop=Event]): `report` calls ray.train.report on every rank
          every `train.log_every` steps (it is a barrier across the workers); only rank 0's
          metrics are kept by Ray. Ray's node-drain (preemption) notice also sets the stop Event.
@@ -205,6 +207,17 @@ def train_worker(config: dict) -> Optional[Any]:
     if cpu_multi:
         init_cpu_distributed(rank, world)
     stop = install_sigterm_bridge()
+    asked = threading.Event()  # the driver asked to stop (bst-dist stop, ray job stop, its SIGTERM)
+    if config.get("stop_signal") is not None:
+        from bst_dist.launch.stop import watch
+
+        def on_stop(why: str) -> None:
+            if not stop.is_set():
+                print(f"bst-dist worker pid {os.getpid()}: {why}: checkpoint and stop after this step", flush=True)
+            asked.set()
+            stop.set()
+
+        watch(config["stop_signal"], on_stop)
     train_fn = config.get("train_fn") or default_train_fn()
     preemption = None
     kwargs: dict = {}
@@ -218,6 +231,9 @@ def train_worker(config: dict) -> Optional[Any]:
     try:
         summary = train_fn(cfg, **kwargs)
     except SystemExit:
+        if asked.is_set():
+            # A stop, not a failure: return, so Ray Train ends the run instead of restarting it.
+            return {"stopped": True} if rank == 0 else None
         if preemption is not None and preemption.info is not None:
             preemption.wait_for_teardown()
         raise

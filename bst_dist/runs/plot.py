@@ -11,6 +11,7 @@ import logging
 import math
 import os
 
+from bst_dist import storage
 from bst_dist.errors import UserError
 from bst_dist.train.metrics import read_jsonl
 
@@ -77,6 +78,12 @@ def _with_smooth(label: str, xs: list, ys: list, **style) -> list:
 
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     """Write the run's curves as PNGs; returns their paths."""
+    if storage.is_url(run_dir) and out_dir is None:  # object storage: plot a local copy, upload plots/
+        with storage.mirror(run_dir, pull=("metrics.jsonl", "eval.jsonl")) as local:
+            if not os.path.isfile(os.path.join(local, "metrics.jsonl")):
+                raise UserError(f"{run_dir}: no metrics.jsonl (has the run logged a step yet?)")
+            written = plot_run(local)
+            return [storage.join(run_dir, os.path.relpath(p, local).replace(os.sep, "/")) for p in written]
     if not os.path.isdir(run_dir):
         raise UserError(f"{run_dir}: no such run directory")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")

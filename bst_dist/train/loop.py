@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 
 from bst_dist import config as config_lib
-from bst_dist import parallel
+from bst_dist import parallel, storage
 from bst_dist.config import ConfigError, JobConfig
 from bst_dist.errors import UserError
 from bst_dist.train.checkpoint import Checkpointer, NoReadableCheckpoint, check_compatible, check_writable
@@ -132,7 +132,7 @@ def hold_run_dir(cfg: JobConfig):
 
 
 def checkpoint_dir(cfg: JobConfig) -> str:
-    return cfg.checkpoint.dir or os.path.join(cfg.train.run_dir, "checkpoints")
+    return cfg.checkpoint.dir or storage.join(cfg.train.run_dir, "checkpoints")
 
 
 def open_checkpointer(cfg: JobConfig) -> Checkpointer:
@@ -142,6 +142,7 @@ def open_checkpointer(cfg: JobConfig) -> Checkpointer:
     is found before the first step, not at the first save). The restore checks each candidate
     again; an unreadable newest step is left to its fallback."""
     c = cfg.checkpoint
+    storage.check_bucket(checkpoint_dir(cfg), "checkpoint.dir" if c.dir else "train.run_dir")
     check_writable(checkpoint_dir(cfg))  # before Orbax's manager: its threads outlive a refused start
     ckpt = Checkpointer(checkpoint_dir(cfg), every=c.every, keep_last=c.keep_last, keep_every=c.keep_every,
                         async_save=c.async_save)
@@ -165,9 +166,9 @@ def global_batch(local: dict, shardings: dict) -> dict:
 
 
 def write_job(cfg: JobConfig) -> None:
-    os.makedirs(cfg.train.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.train.run_dir, "job.yaml"), "w") as f:
-        yaml.safe_dump(config_lib.to_dict(cfg), f, sort_keys=False)
+    storage.makedirs(cfg.train.run_dir)
+    storage.write_text(storage.join(cfg.train.run_dir, "job.yaml"),
+                       yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
 
 
 def log_start(run: Run) -> None:
@@ -186,8 +187,7 @@ def finish(run: Run) -> dict:
                "params_digest": tree_digest(run.state["params"]),
                "opt_state_digest": tree_digest(run.state["opt_state"]), "cache_digest": tree_digest(run.cache)}
     if run.chief:
-        with open(os.path.join(run.cfg.train.run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        storage.write_text(storage.join(run.cfg.train.run_dir, "summary.json"), json.dumps(summary, indent=1))
     return summary
 
 

@@ -147,8 +147,13 @@ class MetricsLogger:
         self._bar = None
         self._files: dict[str, TextIO] = {}
         self._t0: tuple[float, int] | None = None  # (time, step) of the first step logged
+        self._mirror = None
         if is_chief:
-            os.makedirs(self.run_dir, exist_ok=True)
+            from bst_dist.storage import Mirror
+
+            # On object storage the files are appended locally and synced on flush (storage/mirror.py).
+            self._mirror = Mirror(self.run_dir, pull=("metrics.jsonl", "eval.jsonl"))
+            self.run_dir = self._mirror.local
 
     @property
     def metrics_path(self) -> str:
@@ -179,6 +184,7 @@ class MetricsLogger:
             f = self._files[path] = open(path, "a", encoding="utf-8")
         f.write(json.dumps(record) + "\n")
         f.flush()  # a kill loses at most this line
+        self._mirror.sync(force=False)
 
     def _tensorboard(self, prefix: str, step: int, record: dict) -> None:
         if self._writer is None:
@@ -250,6 +256,8 @@ class MetricsLogger:
         for f in self._files.values():
             f.close()
         self._files.clear()
+        if self._mirror is not None:
+            self._mirror.sync()
 
     def __enter__(self):
         return self
