@@ -25,7 +25,7 @@ class EvalSpec:
     max_batches: int = 0  # fresh/carried/streamed: L-long steps of the document lanes (0: the whole split)
     lengths: tuple[int, ...] = DEFAULT_LENGTHS
     max_docs: int = 0  # at_length: first N documents (0: all)
-    length_tokens: int = 65536  # at_length: about this many tokens per batch
+    length_tokens: int = 32768  # at_length: about this many tokens per batch (the logits are V floats a token)
     batch_size: int = 0  # fresh/carried/streamed rows per step (0: the job's global batch)
 
 
@@ -55,15 +55,21 @@ def evaluate_params(setup, params, spec: EvalSpec) -> dict:
     return _json_safe(out)
 
 
-def evaluate_checkpoint(cfg, spec: EvalSpec, step: int | None = None) -> dict:
-    """Restore the parameters of `cfg`'s run (its newest checkpoint, or `step`) and evaluate."""
-    from bst_dist.train.loop import open_checkpointer
-    from bst_dist.train.state import initial_state
+def evaluate_checkpoint(cfg, spec: EvalSpec) -> dict:
+    """Evaluate the newest checkpoint of `cfg`'s run: its parameters alone (the generate path's
+    partial Orbax restore: no optimizer state is read), placed in the job's shardings."""
+    import jax
+    from flax import nnx
 
-    mesh = parallel.make_mesh(cfg.mesh)
-    with open_checkpointer(cfg) as ckpt:
-        start = initial_state(cfg, mesh, ckpt, optimizer=False, step=step)
-    return {"step": start.step, **evaluate_params(start.setup, start.state["params"], spec)}
+    from bst_dist.generate.params import read_source
+    from bst_dist.train.state import plan
+
+    setup, abstract, _ = plan(cfg, parallel.make_mesh(cfg.mesh), optimizer=False)
+    _, pure, info = read_source(cfg.train.run_dir)
+    params = abstract["params"]
+    nnx.replace_by_pure_dict(params, pure)
+    params = jax.device_put(params, setup.state_shardings["params"])
+    return {"step": info["step"], **evaluate_params(setup, params, spec)}
 
 
 def _json_safe(x):
