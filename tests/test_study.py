@@ -1,7 +1,8 @@
-"""`bst-dist study`: two tiny runs under one token budget, trained and evaluated through the normal
-job machinery, one JSON each and a report; a rerun skips finished runs; a run that lost its last
-checkpoint and its JSON resumes from the checkpoint before and ends where it ended; runs of
-unequal size are refused before anything trains. The slow case kills the CLI mid-study."""
+"""`bst-dist study`: tiny runs under one token budget, trained and evaluated through the normal job
+machinery, one JSON each and a report; a rerun skips finished runs; runs of unequal size are
+refused before anything trains. Slow cases: two runs, one of which lost its last checkpoint and
+its JSON and resumes from the checkpoint before, ending where it ended; and the CLI killed
+mid-study and rerun."""
 
 import dataclasses
 import json
@@ -40,6 +41,27 @@ def _read(path):
         return json.load(f)
 
 
+def test_one_run_json_report_and_rerun_skips(tmp_path):
+    """The default-suite case: one 2-step run, evaluated without the at-length part."""
+    path = write_study(tmp_path, tokens=2 * 8 * 64,
+                       eval={"split": "validation", "max_batches": 1, "lengths": [], "max_docs": 1},
+                       runs=[{"name": "a", "label": "Block", "job": "tiny.yaml"}])
+    study = spec.load(path)
+    runner.run_study(study, no_ray=True)
+    r = _read(runner.result_path(study, "a"))
+    assert r["format"] == "bst_dist.study_run/1" and r["tokens"] == 1024 and r["steps"] == 2
+    assert r["train"]["steps_logged"] == 2 and r["train"]["start_step"] == 0 and r["eval"]["step"] == 2
+    assert r["params"]["non_embedding"] == count_params(study.runs[0].cfg.model)["non_embedding"]
+    assert r["eval"]["fresh"]["tokens"] == r["eval"]["carried"]["tokens"] == r["eval"]["streamed"]["eval_tokens"] > 0
+    assert r["config_digest"] == spec.config_digest(study.runs[0].cfg)
+    assert "| a | Block |" in open(os.path.join(study.out, "report.md")).read()
+    assert os.path.getsize(os.path.join(study.out, "plots", "learning_curves.png")) > 1000
+    stamp = os.stat(runner.result_path(study, "a")).st_mtime_ns
+    runner.run_study(study, no_ray=True)  # the JSON is the "done" mark: nothing trains again
+    assert os.stat(runner.result_path(study, "a")).st_mtime_ns == stamp
+
+
+@pytest.mark.slow
 def test_study_trains_evaluates_reports_and_resumes(tmp_path):
     study = spec.load(write_study(tmp_path))
     assert [r.cfg.train.steps for r in study.runs] == [4, 4]  # 2048 tokens / (8 x 64)
@@ -93,13 +115,22 @@ def test_unequal_params_refused_before_training(tmp_path):
     ({"tokens": 1000}, "tokens: 1,000 is not a positive multiple of run a's tokens per step"),
     ({"colour": 1}, "colour: unknown key"),
     ({"eval": {"lengths": [0]}}, "eval.lengths: expected a list of positive integers"),
+    ({"param_tolerance": 2}, "param_tolerance: expected a fraction in [0, 1) or null"),
+    ({"runs": [{"name": "a", "job": "nope.yaml"}]}, "runs[0].job:"),
+    ({"runs": [{"name": "a", "job": "tiny.yaml"}, {"name": "a", "job": "tiny.yaml"}]}, "'a' is used twice"),
 ])
-def test_bad_study_file_one_line(tmp_path, top, message):
-    path = write_study(tmp_path, **top)
+def test_bad_study_file(tmp_path, top, message):
+    with pytest.raises(StudyError) as e:
+        spec.load(write_study(tmp_path, **top))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_bad_study_file_is_one_line(tmp_path):
+    path = write_study(tmp_path, tokens=1000)
     proc = subprocess.run([sys.executable, "-m", "bst_dist", "study", path, "--no-ray"], capture_output=True,
                           text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.count("\n") == 1 and message in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "is not a positive multiple" in proc.stderr
 
 
 def test_only_names_a_run(tmp_path):
