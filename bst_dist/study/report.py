@@ -25,7 +25,7 @@ def _f(x, fmt="{:.3f}") -> str:
 
 
 def tables(study: Study, results: list[dict]) -> str:
-    lines = [f"# Study {study.name}", "", study.description, "",
+    lines = [f"# Study {study.name}", "", *([study.description, ""] if study.description else []),
              f"Token budget per run: {study.tokens:,}. Evaluation split: {study.eval.split}.", "",
              "| run | model | non-emb params | tokens | steps | wall (s) | tok/s | final train loss | "
              "ppl fresh @L | ppl carried @L | ppl streamed | device | digest |",
@@ -43,10 +43,10 @@ def tables(study: Study, results: list[dict]) -> str:
                       f"(spread {max(ne) / min(ne) - 1:.1%}; tolerance "
                       f"{'none' if study.param_tolerance is None else f'{study.param_tolerance:.0%}'})."]
         lengths = sorted({a["T"] for r in results for a in r["eval"]["at_length"]})
-        lines += ["", "## Perplexity at evaluation length T (fresh cache, one pass)", "",
+        lines += [] if not lengths else ["", "## Perplexity at evaluation length T (fresh cache, one pass)", "",
                   "| run | " + " | ".join(f"T={T}" for T in lengths) + " |",
                   "| --- |" + " ---: |" * len(lengths)]
-        for r in results:
+        for r in results if lengths else []:
             by_t = {a["T"]: a["ppl"] for a in r["eval"]["at_length"]}
             lines.append(f"| {r['run']} | " + " | ".join(_f(by_t.get(T), "{:.2f}") for T in lengths) + " |")
         names = [b["bucket"] for b in results[0]["eval"]["fresh"]["seq_buckets"]]
