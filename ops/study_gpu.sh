@@ -7,7 +7,10 @@
 #      resumable, and a complete preparation is only checked);
 #   3. runs the named runs of the study in this process (--no-ray); a rerun skips finished runs
 #      and resumes a half-trained one from its checkpoint;
-#   4. copies results/<run>.json, report.md, plots/, params.json, each run's metrics.jsonl and the
+#   4. stops the study with SIGTERM (a checkpoint is saved, exit 143) when --deadline seconds since
+#      the script started are near, so that step 5 still happens under a command time limit; the
+#      same command again resumes;
+#   5. copies results/<run>.json, report.md, plots/, params.json, each run's metrics.jsonl and the
 #      corpus manifest into $OUT when it is set.
 #
 #   bash ops/study_gpu.sh --only slide_12l_s0,bst_sh_s4_s0,brect_fixed_skip
@@ -15,7 +18,8 @@
 #
 # Options: --only A,B,C (required: names in the study file), --study FILE (jobs/study/pysrc_4k.yaml),
 # --src DIR (the site-packages to read), --data DIR (runs/data/pysrc), --dir DIR (the study
-# directory, runs/study_pysrc_4k). Environment: PYTHON (python3), OUT.
+# directory, runs/study_pysrc_4k), --deadline S (570: seconds from the start to stop the study
+# by). Environment: PYTHON (python3), OUT.
 set -euo pipefail
 
 ONLY=""
@@ -24,6 +28,8 @@ SRC=/opt/torch/.venv/lib/python3.12/site-packages
 DATA=runs/data/pysrc
 DIR=runs/study_pysrc_4k
 PY=${PYTHON:-python3}
+DEADLINE=570
+START=$(date +%s)
 while [ $# -gt 0 ]; do
   case "$1" in
     --only) ONLY=$2; shift 2 ;;
@@ -31,8 +37,9 @@ while [ $# -gt 0 ]; do
     --src) SRC=$2; shift 2 ;;
     --data) DATA=$2; shift 2 ;;
     --dir) DIR=$2; shift 2 ;;
+    --deadline) DEADLINE=$2; shift 2 ;;
     --) shift; break ;;
-    *) echo "ops/study_gpu.sh: unknown argument $1 (allowed: --only, --study, --src, --data, --dir, -- ARGS)" >&2; exit 2 ;;
+    *) echo "ops/study_gpu.sh: unknown argument $1 (allowed: --only, --study, --src, --data, --dir, --deadline, -- ARGS)" >&2; exit 2 ;;
   esac
 done
 if [ -z "$ONLY" ]; then
@@ -59,8 +66,17 @@ t0=$(date +%s)
   --num-shards "$(nproc)" --no-progress
 echo "prepare-data: $(( $(date +%s) - t0 )) s"
 
+left=$(( DEADLINE - ($(date +%s) - START) - 15 ))  # 15 s for the copy below
+if [ "$left" -lt 60 ]; then
+  echo "ops/study_gpu.sh: only ${left}s left of --deadline $DEADLINE after prepare-data; rerun to start the study" >&2
+  left=1
+fi
 status=0
-"$PY" -m bst_dist study "$STUDY" --no-ray --out "$DIR" --only "$ONLY" --set "data.path=$DATA" "$@" || status=$?
+timeout --signal=TERM --kill-after=30 "$left" \
+  "$PY" -m bst_dist study "$STUDY" --no-ray --out "$DIR" --only "$ONLY" --set "data.path=$DATA" "$@" || status=$?
+if [ "$status" -eq 124 ]; then
+  echo "ops/study_gpu.sh: stopped at the deadline (a checkpoint was saved); run the same command again to resume" >&2
+fi
 
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/metrics"
