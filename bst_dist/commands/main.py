@@ -24,6 +24,7 @@ COMMANDS = {
     "stop": ("job_stop", "stop a submitted Ray job"),
     "generate": ("generate", "sample text from a run or an export, streaming to stdout"),
     "export": ("export", "write a run's parameters alone (no optimizer) with the model config"),
+    "study": ("study", "train and evaluate a study's runs under one token budget, then report"),
 }
 
 

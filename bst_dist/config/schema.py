@@ -97,7 +97,7 @@ class ModelConfig:
 class DataConfig:
     # docs/data.md. The stdlib corpus (the running Python's standard library, all of it: ~15M
     # tokens, prepared in 4-6 s on 2 cores) needs no download and no src.
-    corpus: Literal["stdlib", "shakespeare", "pg19", "text", "jsonl"] = "stdlib"
+    corpus: Literal["stdlib", "shakespeare", "pg19", "text", "jsonl", "pysrc"] = "stdlib"
     src: Optional[str] = None  # raw corpus location (folder, file, gs://...); None: the corpus default
     path: Optional[str] = None  # prepared shards (bst-dist prepare-data --out); None: <cache_dir>/data/<corpus>
     cache_dir: Optional[str] = None  # None: $BST_DIST_CACHE or ~/.cache/bst_dist
