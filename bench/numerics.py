@@ -29,6 +29,8 @@ def logits_for(dtype: str, ssm_impl: str, B: int, tiny: bool, toks):
 
     job = cases.step_job(ssm_impl, B, tiny)
     job["model"]["dtype"] = dtype
+    if dtype == "float32":  # cuDNN's fused attention is bf16-only: the reference attends through XLA
+        job["model"]["attention_impl"] = "xla"
     cfg = config.from_dict(job).model
     model = build(cfg, nnx.Rngs(0))  # parameters are float32 in both: the same weights
     graphdef, state = nnx.split(model)
