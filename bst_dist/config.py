@@ -12,7 +12,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -151,6 +151,8 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     rules: tuple[tuple[str, Optional[str]], ...] = ()  # extra logical-axis rules, override defaults
+    # mesh positions -> devices: default (jax.make_mesh), interleaved, or a permutation (parallel/mesh.py)
+    device_order: Union[str, tuple[int, ...]] = "default"
 
 
 @dataclass(frozen=True)

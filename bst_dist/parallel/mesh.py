@@ -1,15 +1,24 @@
-"""The device mesh: (data, fsdp, tensor) over the devices present."""
+"""The device mesh: (data, fsdp, tensor) over the devices present, in the order `mesh.device_order`
+asks for.
+
+`default` is jax.make_mesh's order (physical on TPU: one host's chips spread along `data`);
+`interleaved` deals the mesh positions to processes in turn (position i on process i mod P), the
+CPU stand-in for TPU's order, so that the lane-follows-mesh path runs in tests; a list is an
+explicit permutation of jax.devices() (position i holds jax.devices()[order[i]]).
+"""
 
 from __future__ import annotations
 
 import math
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from bst_dist.config import ConfigError, MeshConfig
 
 AXES = ("data", "fsdp", "tensor")
+DEVICE_ORDERS = ("default", "interleaved")
 
 
 def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -25,9 +34,39 @@ def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
+def interleaved(devices: list) -> list:
+    """Processes take turns: [p0's 1st, p1's 1st, ..., p0's 2nd, ...] (each process's devices in
+    id order)."""
+    by_proc: dict[int, list] = {}
+    for d in sorted(devices, key=lambda d: d.id):
+        by_proc.setdefault(d.process_index, []).append(d)
+    groups = [by_proc[p] for p in sorted(by_proc)]
+    if len({len(g) for g in groups}) != 1:
+        raise ConfigError("mesh.device_order: interleaved needs the same number of devices on every process")
+    return [g[i] for i in range(len(groups[0])) for g in groups]
+
+
+def ordered_devices(order, devices: list) -> list | None:
+    """The devices in mesh order for `mesh.device_order` (None: leave it to jax.make_mesh)."""
+    if isinstance(order, str):
+        if order not in DEVICE_ORDERS:
+            raise ConfigError(f"mesh.device_order: {order!r} is not allowed; allowed: {', '.join(DEVICE_ORDERS)} "
+                              "or a permutation of the device indices")
+        return None if order == "default" else interleaved(devices)
+    perm = [int(i) for i in order]
+    if sorted(perm) != list(range(len(devices))):
+        raise ConfigError(f"mesh.device_order: {list(perm)[:8]}{'...' if len(perm) > 8 else ''} is not a permutation "
+                          f"of 0..{len(devices) - 1} (the {len(devices)} devices present)")
+    return [devices[i] for i in perm]
+
+
 def make_mesh(mesh_cfg: MeshConfig, devices: list | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(mesh_cfg, len(devices))
+    axis_types = (AxisType.Auto,) * 3
+    ordered = ordered_devices(getattr(mesh_cfg, "device_order", "default"), list(devices))
+    if ordered is not None:  # an explicit order: jax.make_mesh would reorder it physically
+        return Mesh(np.array(ordered, dtype=object).reshape(shape), AXES, axis_types=axis_types)
     # Auto axes: classic sharding propagation (jax.make_mesh defaults to Explicit). Shapes are
     # positional: the keyword changed name between jax 0.10 and 0.11.
-    return jax.make_mesh(shape, AXES, (AxisType.Auto,) * 3, devices=devices)
+    return jax.make_mesh(shape, AXES, axis_types, devices=devices)

@@ -52,9 +52,14 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
     with open_checkpointer(cfg) as ckpt:
         if jax.process_index() == 0:
             write_job(cfg)  # only now: a refused rerun must not overwrite the job.yaml of its checkpoints
+        # Lane b is global row b: each process loads the rows its devices hold (interleaved on
+        # TPU), so a lane keeps its document position and its cache row on any layout.
+        assignment = parallel.lane_assignment(parallel.batch_sharding(mesh, 1, parallel.rules_from_config(cfg.mesh)),
+                                              t.global_batch_size)
         loader = make_loader(cfg.data, seq_len=cfg.model.seq_len, global_batch_size=t.global_batch_size,
                              process_index=jax.process_index(), process_count=jax.process_count(),
-                             split="train", seed=t.seed)
+                             split="train", seed=t.seed, lanes=assignment[str(jax.process_index())],
+                             assignment=assignment)
         with contextlib.closing(loader):
             start = initial_state(cfg, mesh, ckpt, data_iter=loader)
             run = Run(cfg, start.setup, ckpt, loader, start.state, start.cache, start.step,
@@ -64,11 +69,15 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
             for h in hooks:
                 h.on_start(run)
             log_start(run)
+            trace = parallel.LaneTrace.from_env(loader.lanes)
             ok = False
             try:
                 for _ in range(run.step, t.steps):
                     t0 = time.perf_counter()
-                    batch = global_batch(next(loader), shardings)
+                    local = next(loader)
+                    if trace is not None:
+                        trace.write(run.step, local)
+                    batch = global_batch(local, shardings)
                     t1 = time.perf_counter()
                     run.state, run.cache, out = step_fn(run.state, run.cache, batch)
                     record_step(run, jax.device_get(out), data_time=t1 - t0, step_time=time.perf_counter() - t0)
@@ -76,6 +85,8 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
                         h.after_step(run)
                 ok = True
             finally:
+                if trace is not None:
+                    trace.close()
                 for h in reversed(hooks):
                     h.on_end(run, ok)
     return finish(run)
