@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import os
 import types
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
@@ -153,6 +154,8 @@ class MeshConfig:
     rules: tuple[tuple[str, Optional[str]], ...] = ()  # extra logical-axis rules, override defaults
     # mesh positions -> devices: default (jax.make_mesh), interleaved, or a permutation (parallel/mesh.py)
     device_order: Union[str, tuple[int, ...]] = "default"
+    # axes split across slices (DCN), e.g. {data: 2}: the axis sizes above are totals (parallel/mesh.py)
+    dcn: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -386,6 +389,13 @@ def validate(cfg: JobConfig) -> JobConfig:
     _check_positive("ray.num_workers", cfg.ray.num_workers)
     if cfg.ray.use_gpu and cfg.ray.use_tpu:
         raise ConfigError("ray.use_gpu: use_gpu and use_tpu are exclusive; pick one")
+    if cfg.ray.use_tpu and cfg.ray.topology:
+        from bst_dist.parallel.topology import check_num_workers
+
+        slices = math.prod(int(v) for v in cfg.mesh.dcn.values() if isinstance(v, int)) or 1
+        problem = check_num_workers(cfg.ray.num_workers, cfg.ray.topology, cfg.ray.accelerator_type, slices)
+        if problem:
+            raise ConfigError(problem)
     return cfg
 
 

@@ -27,7 +27,7 @@ import yaml
 
 from bst_dist import config as config_lib
 from bst_dist import parallel
-from bst_dist.config import ConfigError, JobConfig
+from bst_dist.config import JobConfig
 from bst_dist.train.checkpoint import Checkpointer, NoReadableCheckpoint, check_compatible
 from bst_dist.train.hooks import Hook, Run, TrainingError, standard_hooks  # noqa: F401 (TrainingError: API)
 from bst_dist.train.state import initial_state
@@ -69,7 +69,8 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
             for h in hooks:
                 h.on_start(run)
             log_start(run)
-            trace = parallel.LaneTrace.from_env(loader.lanes)
+            # the rows this process's data lands on (what make_array_from_process_local_data does)
+            trace = parallel.LaneTrace.from_env(parallel.process_lanes(shardings["inputs"], t.global_batch_size))
             ok = False
             try:
                 for _ in range(run.step, t.steps):
@@ -104,16 +105,8 @@ def record_step(run: Run, out: dict, *, data_time: float, step_time: float) -> N
 
 
 def check_batch(cfg: JobConfig, mesh) -> None:
-    """Refuse, before any compilation, a batch the mesh or the processes cannot split."""
-    B, A = cfg.train.global_batch_size, cfg.train.grad_accum
-    n = parallel.batch_axis_size(mesh, parallel.rules_from_config(cfg.mesh))
-    P = jax.process_count()
-    if B % P:
-        raise ConfigError(f"train.global_batch_size: {B} is not divisible by the {P} processes (each owns B/P lanes)")
-    if (B // A) % n:
-        what = f"global_batch_size / grad_accum = {B // A}" if A > 1 else f"global_batch_size {B}"
-        raise ConfigError(f"train.global_batch_size: {what} is not divisible by the data-parallel size "
-                          f"(data x fsdp = {n})")
+    """Refuse, before any compilation, a batch (or heads) the mesh or the processes cannot split."""
+    parallel.check_fits(cfg, dict(mesh.shape), jax.process_count())
 
 
 def checkpoint_dir(cfg: JobConfig) -> str:
