@@ -36,7 +36,8 @@ def test_cli_bad_input_is_one_line(tmp_path):
     env = {"JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO, "PATH": "/usr/bin:/bin"}
     p = subprocess.run([sys.executable, "-m", "bst_dist", "plan", str(job), "--slices", "2"], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=300, check=False)
-    assert p.returncode == 2 and p.stderr.strip() == "bst-dist plan: error: --slices: needs --topology (the slices of which TPU)"
+    assert p.returncode == 2
+    assert p.stderr.strip() == "bst-dist plan: error: --slices: needs --topology (the slices of which TPU)"
 
 
 @pytest.mark.slow
