@@ -22,7 +22,11 @@ class LaneTrace:
     def __init__(self, directory: str, rows: list[int]):
         os.makedirs(directory, exist_ok=True)
         self.rows = [int(r) for r in rows]
-        self._f = open(os.path.join(directory, f"process_{jax.process_index()}.jsonl"), "a")
+        path = os.path.join(directory, f"process_{jax.process_index()}.jsonl")
+        cut = os.path.exists(path) and os.path.getsize(path) and not open(path, "rb").read().endswith(b"\n")
+        self._f = open(path, "a")
+        if cut:  # a killed run's half-written line stays a line of its own
+            self._f.write("\n")
 
     @classmethod
     def from_env(cls, rows: list[int]) -> "LaneTrace | None":
@@ -46,9 +50,10 @@ def read_trace(directory: str) -> dict[int, dict[int, tuple[int, int]]]:
             continue
         with open(os.path.join(directory, name)) as f:
             for line in f:
-                if not line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a kill cut this line short: that step was not kept
                     continue
-                rec = json.loads(line)
                 step = out.setdefault(rec["step"], {})
                 for r, d, s in zip(rec["rows"], rec["doc_id"], rec["seq_index"]):
                     step[r] = (d, s)
