@@ -3,7 +3,7 @@ the document-lane Grain loader. docs/data.md explains the lane design and the st
 
 Public API (imported lazily, so that prepare-data workers do not import Grain and JAX):
   make_loader(data_cfg, *, seq_len, global_batch_size, process_index=0, process_count=1,
-              split="train", seed=0, num_epochs=None) -> LaneLoader
+              split="train", seed=0, num_epochs=None, lanes=None, assignment=None) -> LaneLoader
   ensure_prepared(data_cfg) -> str
   iter_documents(prepared_dir, split) -> Iterator[(doc_id, int32 tokens)]
   prepare(corpus, src, out, ...) -> manifest dict

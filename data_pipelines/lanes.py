@@ -84,28 +84,31 @@ class LaneSchedule:
 
 
 class LaneCursor:
-    """Positions of lanes [lo, hi): (epoch, k, s) each. `num_epochs=None` runs forever; otherwise
-    a lane whose epoch reaches num_epochs is exhausted and stays so."""
+    """Positions of lanes [lo, hi), or of the global rows listed in `lanes` (any order, any gaps:
+    the rows a process's devices hold): (epoch, k, s) each. `num_epochs=None` runs forever;
+    otherwise a lane whose epoch reaches num_epochs is exhausted and stays so."""
 
     def __init__(self, schedule: LaneSchedule, lo: int, hi: int, num_epochs: int | None,
-                 positions: list[list[int]] | None = None, step: int = 0):
+                 positions: list[list[int]] | None = None, step: int = 0, lanes: list[int] | None = None):
         self.schedule = schedule
-        self.lo, self.hi = lo, hi
+        self.lanes = list(range(lo, hi)) if lanes is None else [int(b) for b in lanes]
+        self.lo, self.hi = 0, len(self.lanes)  # local indices; self.lanes[i] is the global row
+        n = len(self.lanes)
         self.num_epochs = num_epochs
         self.step = step
         if positions is None:
-            positions = [[0, 0, 0] for _ in range(lo, hi)]
-        if len(positions) != hi - lo:
-            raise ValueError(f"{len(positions)} positions for lanes [{lo}, {hi})")
+            positions = [[0, 0, 0] for _ in range(n)]
+        if len(positions) != n:
+            raise ValueError(f"{len(positions)} positions for {n} lanes")
         self.pos = [list(map(int, p)) for p in positions]
-        self._rows: list[tuple[int, list[int]]] = [(-1, [])] * (hi - lo)  # per lane: (epoch, its rows)
-        for i in range(hi - lo):
+        self._rows: list[tuple[int, list[int]]] = [(-1, [])] * n  # per lane: (epoch, its rows)
+        for i in range(n):
             self._settle(i)
 
     def _lane_rows(self, i: int, e: int) -> list[int]:
         cached = self._rows[i]
         if cached[0] != e:
-            cached = (e, self.schedule.lane_rows(e, self.lo + i))
+            cached = (e, self.schedule.lane_rows(e, self.lanes[i]))
             self._rows[i] = cached
         return cached[1]
 

@@ -11,7 +11,12 @@ of each of this process's lanes (docs/training.md, "Batch").
 
 The saved state (JSON; docs/data.md):
   {"format": "bst_dist.lanes/1", "dataset": <manifest checksum>, "split", "seq_len",
-   "global_batch_size", "seed", "num_epochs", "step", "lanes": [[epoch, k, s], ...]}  # all B lanes
+   "global_batch_size", "seed", "num_epochs", "step", "lanes": [[epoch, k, s], ...],  # all B lanes
+   "assignment": {"<process>": [global rows it fed], ...}}  # the layout that saved it
+
+Lane b is global batch row b on every layout (its cache is row b of the saved cache), so a state
+restores onto any process count and any device order: each process picks its own lanes'
+positions; "assignment" only records (and lets `bst-dist inspect` show) which process fed what.
 """
 
 from __future__ import annotations
@@ -34,11 +39,12 @@ class _Stream:
     """What fixes the stream of batches (picklable; shared by the dataset and the loader)."""
 
     def __init__(self, data: Prepared, split: str, seq_len: int, global_batch_size: int, seed: int,
-                 num_epochs: int | None, lo: int, hi: int):
+                 num_epochs: int | None, lanes: list[int]):
         self.data, self.split = data, split
         self.L, self.B = seq_len, global_batch_size
         self.seed, self.num_epochs = seed, num_epochs
-        self.lo, self.hi = lo, hi
+        self.lanes = list(lanes)  # the global rows this process feeds, in its local row order
+        self.lo, self.hi = 0, len(self.lanes)
         self.index = data.index(split)
         self.nseq = lanes_lib.num_sequences(self.index[:, N_TOKENS], seq_len)
         self._schedule = None
@@ -62,8 +68,8 @@ class LaneIterator(grain.DatasetIterator):
     def __init__(self, stream: _Stream, positions: list[list[int]], step: int, stride: int):
         super().__init__()
         self._s = stream
-        self._cursor = lanes_lib.LaneCursor(stream.schedule(), stream.lo, stream.hi, stream.num_epochs,
-                                            positions, step)
+        self._cursor = lanes_lib.LaneCursor(stream.schedule(), 0, 0, stream.num_epochs, positions, step,
+                                            lanes=stream.lanes)
         self._stride = stride
         self._docs: list[tuple[int, np.ndarray] | None] = [None] * (stream.hi - stream.lo)
 
@@ -106,8 +112,8 @@ class LaneIterator(grain.DatasetIterator):
         return {"step": self._cursor.step, "lanes": self._cursor.positions()}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._cursor = lanes_lib.LaneCursor(self._cursor.schedule, self._s.lo, self._s.hi, self._s.num_epochs,
-                                            state["lanes"], state["step"])
+        self._cursor = lanes_lib.LaneCursor(self._cursor.schedule, 0, 0, self._s.num_epochs,
+                                            state["lanes"], state["step"], lanes=self._s.lanes)
         self._docs = [None] * len(self._docs)
 
     def close(self) -> None:
@@ -137,7 +143,7 @@ class LaneDataset(grain.IterDataset):
 
     def __str__(self) -> str:
         s = self._stream
-        return f"LaneDataset(split={s.split}, L={s.L}, lanes=[{s.lo}, {s.hi}) of {s.B})"
+        return f"LaneDataset(split={s.split}, L={s.L}, {len(s.lanes)} lanes of {s.B})"
 
 
 class LaneLoader(grain.DatasetIterator):
@@ -154,6 +160,11 @@ class LaneLoader(grain.DatasetIterator):
         weakref.finalize(self, _close_box, self._box)
 
     @property
+    def lanes(self) -> list[int]:
+        """The global rows this loader's batches fill, in row order."""
+        return list(self._stream.lanes)
+
+    @property
     def _it(self):
         return self._box[0]
 
@@ -162,8 +173,8 @@ class LaneLoader(grain.DatasetIterator):
         self._box[0] = it
 
     def _pipeline(self):
-        s, lo, hi = self._stream, self._stream.lo, self._stream.hi
-        ds = LaneDataset(s, self._all.positions()[lo:hi], self._all.step)
+        s, every = self._stream, self._all.positions()
+        ds = LaneDataset(s, [every[b] for b in s.lanes], self._all.step)
         if self._workers > 0:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers,
                                                              per_worker_buffer_size=self._buffer))
@@ -192,7 +203,7 @@ class LaneLoader(grain.DatasetIterator):
 
     def get_state(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, **self._stream.spec(), "step": self._all.step,
-                "lanes": self._all.positions()}
+                "lanes": self._all.positions(), "assignment": self._stream.assignment}
 
     def set_state(self, state: dict[str, Any]) -> None:
         check_state(state, self._stream.spec())
@@ -220,7 +231,7 @@ class LaneLoader(grain.DatasetIterator):
 
     def __str__(self) -> str:
         s = self._stream
-        return f"LaneLoader(split={s.split}, L={s.L}, lanes=[{s.lo}, {s.hi}) of {s.B}, workers={self._workers})"
+        return f"LaneLoader(split={s.split}, L={s.L}, {len(s.lanes)} lanes of {s.B}, workers={self._workers})"
 
 
 def _close_box(box: list) -> None:
@@ -243,13 +254,25 @@ def check_state(state: Any, spec: dict) -> None:
             not all(isinstance(p, list) and len(p) == 3 for p in lanes):
         raise DataError(f"loader state: 'lanes' must list [epoch, k, s] for each of the "
                         f"{spec['global_batch_size']} lanes")
+    saved = state.get("assignment")  # absent in states written before lanes followed the mesh
+    if saved is not None:
+        B = spec["global_batch_size"]
+        rows = [b for v in saved.values() for b in v] if isinstance(saved, dict) and \
+            all(isinstance(v, list) for v in saved.values()) else None
+        if rows is None or not all(isinstance(b, int) and 0 <= b < B for b in rows) or set(rows) != set(range(B)):
+            raise DataError(f"loader state: 'assignment' must map processes to global rows covering each of the "
+                            f"{B} lanes")
 
 
 def make_loader(data_cfg, *, seq_len: int, global_batch_size: int, process_index: int = 0,
                 process_count: int = 1, split: str = "train", seed: int = 0,
-                num_epochs: int | None = None) -> LaneLoader:
-    """This process's rows of the global batch, one step per `next()` (docs/training.md, "Batch").
-    Process p of P owns lanes [p*B/P, (p+1)*B/P). Close it (or use `with`) to stop its workers."""
+                num_epochs: int | None = None, lanes: list[int] | None = None,
+                assignment: dict[str, list[int]] | None = None) -> LaneLoader:
+    """This process's rows of the global batch, one step per `next()` (docs/training.md, "Batch"),
+    row i being global lane lanes[i]. Training passes `lanes` from the batch sharding
+    (bst_dist.parallel.process_lanes: the rows this process's devices hold, ascending) and the
+    whole `assignment` (process -> lanes), which the saved state records; without them process
+    p of P owns lanes [p*B/P, (p+1)*B/P). Close it (or use `with`) to stop its workers."""
     B, P, p = global_batch_size, process_count, process_index
     if seq_len <= 0:
         raise DataError(f"seq_len: must be > 0, got {seq_len}")
@@ -263,8 +286,17 @@ def make_loader(data_cfg, *, seq_len: int, global_batch_size: int, process_index
     workers = data_cfg.prefetch_workers
     if workers < 0:
         raise DataError(f"data.prefetch_workers: must be >= 0, got {workers}")
+    if lanes is None and assignment is None:
+        assignment = {str(q): list(range(q * B // P, (q + 1) * B // P)) for q in range(P)}
+    if lanes is None:
+        lanes = list(range(p * B // P, (p + 1) * B // P))
+    elif not lanes or len(set(lanes)) != len(lanes) or not all(0 <= int(b) < B for b in lanes):
+        raise DataError(f"lanes: need distinct global rows in [0, {B}), got {list(lanes)[:8]}")
+    if assignment is not None and [int(b) for b in assignment.get(str(p), [])] != [int(b) for b in lanes]:
+        raise DataError(f"lanes: process {p}'s lanes {list(lanes)[:8]} differ from its entry in the assignment")
     data = Prepared(ensure_prepared(data_cfg))
-    stream = _Stream(data, split, seq_len, B, seed, num_epochs, p * B // P, (p + 1) * B // P)
+    stream = _Stream(data, split, seq_len, B, seed, num_epochs, [int(b) for b in lanes])
+    stream.assignment = None if assignment is None else {str(k): [int(b) for b in v] for k, v in assignment.items()}
     n_docs = len(stream.index)
     if num_epochs is None and n_docs < B:
         raise DataError(f"prepared data {data.path}: the {split} split has {n_docs} documents, fewer than the "

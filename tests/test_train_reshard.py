@@ -41,7 +41,8 @@ def test_restore_on_222_continues_the_811_run(tiny_reference, tmp_path, caplog):
     assert any("mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in m for m in messages), messages
     assert any(m.startswith("resumed from") and m.endswith(f"step {K}") for m in messages), messages
     with open(os.path.join(run_dir, "job.yaml")) as f:
-        assert yaml.safe_load(f)["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "rules": []}
+        assert yaml.safe_load(f)["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "rules": [], "device_order": "default",
+                                             "dcn": {}}
 
     assert got["start_step"] == K and got["final_step"] == N and got["tokens_seen"] == ref["tokens_seen"]
     np.testing.assert_allclose(got["losses"], ref["losses"][K:], rtol=1e-5, atol=0)

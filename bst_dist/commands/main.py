@@ -14,6 +14,7 @@ from bst_dist.errors import user_errors
 # name -> (module under bst_dist.commands, one-line help)
 COMMANDS = {
     "describe": ("describe", "show a job's layer stack and parameter counts"),
+    "plan": ("plan", "will a job fit a TPU slice: per-chip memory, FLOPs and step time, compiled ahead of time"),
     "prepare-data": ("prepare_data", "tokenize a corpus into ArrayRecord shards"),
     "train": ("train", "train a job (under Ray Train; embedded local Ray by default)"),
     "eval": ("evaluate", "evaluate a run: streamed with the cache, and at length T"),

@@ -8,7 +8,7 @@ is a dataclass here and a field of JobConfig.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from bst_dist.errors import UserError
 
@@ -148,6 +148,10 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     rules: tuple[tuple[str, Optional[str]], ...] = ()  # extra logical-axis rules, override defaults
+    # mesh positions -> devices: default (jax.make_mesh), interleaved, or a permutation (parallel/mesh.py)
+    device_order: Union[str, tuple[int, ...]] = "default"
+    # axes split across slices (DCN), e.g. {data: 2}: the axis sizes above are totals (parallel/mesh.py)
+    dcn: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -174,6 +174,13 @@ def _ray(cfg: JobConfig) -> None:
     _positive("ray.num_workers", r.num_workers)
     if r.use_gpu and r.use_tpu:
         raise ConfigError("ray.use_gpu: use_gpu and use_tpu are exclusive; pick one")
+    if r.use_tpu and r.topology:  # one Ray worker per TPU host, in every slice
+        from bst_dist.parallel.topology import check_num_workers
+
+        slices = math.prod(int(v) for v in cfg.mesh.dcn.values() if isinstance(v, int)) or 1
+        problem = check_num_workers(r.num_workers, r.topology, r.accelerator_type, slices)
+        if problem:
+            raise ConfigError(problem)
     for name in ("resources_per_worker", "entrypoint_resources"):
         for k, v in getattr(r, name).items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:

@@ -36,7 +36,40 @@ def rules_from_config(mesh_cfg: MeshConfig) -> dict[str, Any]:
         if target is not None and target not in AXES:
             raise ConfigError(f"mesh.rules: {name} -> {target!r}; allowed mesh axes: {', '.join(AXES)} or null")
         rules[name] = target
+    if (getattr(mesh_cfg, "dcn", None) or {}).get("data", 1) > 1:
+        # across slices `data` is the data-centre network: parameters stay inside a slice (an
+        # all-gather per layer over DCN would dominate the step), the batch spans the slices
+        for name, target in rules.items():
+            targets = (target,) if isinstance(target, str) else tuple(target or ())
+            if name != "batch" and "data" in targets:
+                raise ConfigError(f"mesh.rules: {name} -> data would shard parameters across slices (mesh.dcn); "
+                                  "keep parameters on fsdp or tensor")
+            if name == "batch" and "data" not in targets:
+                raise ConfigError("mesh.rules: batch must include data when mesh.dcn.data > 1 (the slices split "
+                                  "the batch)")
     return rules
+
+
+def check_fits(cfg, sizes: dict[str, int], process_count: int = 1) -> None:
+    """Refuse, before any compilation, a job whose batch or heads the mesh cannot split; one line
+    naming the key. `sizes`: mesh axis -> size (a Mesh's .shape, or a planned one)."""
+    rules = rules_from_config(cfg.mesh)
+    B, A = cfg.train.global_batch_size, cfg.train.grad_accum
+    batch = rules["batch"]
+    targets = (batch,) if isinstance(batch, str) else tuple(batch or ())
+    n = math.prod(sizes[t] for t in targets)
+    if B % process_count:
+        raise ConfigError(f"train.global_batch_size: {B} is not divisible by the {process_count} processes "
+                          "(each feeds its devices' rows)")
+    if (B // A) % n:
+        what = f"global_batch_size / grad_accum = {B // A}" if A > 1 else f"global_batch_size {B}"
+        raise ConfigError(f"train.global_batch_size: {what} is not divisible by the data-parallel size "
+                          f"({' x '.join(targets)} = {n})")
+    heads = rules["heads"]
+    h_targets = (heads,) if isinstance(heads, str) else tuple(heads or ())
+    t = math.prod(sizes[a] for a in h_targets)
+    if t > 1 and cfg.model.num_heads % t:
+        raise ConfigError(f"mesh.tensor: {t} does not divide model.num_heads = {cfg.model.num_heads}")
 
 
 def spec_for(axes: tuple, shape: tuple[int, ...], mesh: Mesh, rules: dict[str, Any]) -> P:

@@ -28,7 +28,7 @@ import yaml
 
 from bst_dist import config as config_lib
 from bst_dist import parallel, storage
-from bst_dist.config import ConfigError, JobConfig
+from bst_dist.config import JobConfig
 from bst_dist.errors import UserError
 from bst_dist.train.checkpoint import Checkpointer, NoReadableCheckpoint, check_compatible, check_writable
 from bst_dist.train.hooks import Hook, Run, TrainingError, standard_hooks  # noqa: F401 (TrainingError: API)
@@ -56,9 +56,14 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
     with hold_run_dir(cfg), open_checkpointer(cfg) as ckpt:
         if jax.process_index() == 0:
             write_job(cfg)  # only now: a refused rerun must not overwrite the job.yaml of its checkpoints
+        # Lane b is global row b: each process loads the rows its devices hold (interleaved on
+        # TPU), so a lane keeps its document position and its cache row on any layout.
+        assignment = parallel.lane_assignment(parallel.batch_sharding(mesh, 1, parallel.rules_from_config(cfg.mesh)),
+                                              t.global_batch_size)
         loader = make_loader(cfg.data, seq_len=cfg.model.seq_len, global_batch_size=t.global_batch_size,
                              process_index=jax.process_index(), process_count=jax.process_count(),
-                             split="train", seed=t.seed)
+                             split="train", seed=t.seed, lanes=assignment[str(jax.process_index())],
+                             assignment=assignment)
         with contextlib.closing(loader):
             start = initial_state(cfg, mesh, ckpt, data_iter=loader)
             run = Run(cfg, start.setup, ckpt, loader, start.state, start.cache, start.step,
@@ -68,11 +73,16 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
             for h in hooks:
                 h.on_start(run)
             log_start(run)
+            # the rows this process's data lands on (what make_array_from_process_local_data does)
+            trace = parallel.LaneTrace.from_env(parallel.process_lanes(shardings["inputs"], t.global_batch_size))
             ok = False
             try:
                 for _ in range(run.step, t.steps):
                     t0 = time.perf_counter()
-                    batch = global_batch(next(loader), shardings)
+                    local = next(loader)
+                    if trace is not None:
+                        trace.write(run.step, local)
+                    batch = global_batch(local, shardings)
                     t1 = time.perf_counter()
                     run.state, run.cache, out = step_fn(run.state, run.cache, batch)
                     record_step(run, jax.device_get(out), data_time=t1 - t0, step_time=time.perf_counter() - t0)
@@ -80,6 +90,8 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
                         h.after_step(run)
                 ok = True
             finally:
+                if trace is not None:
+                    trace.close()
                 for h in reversed(hooks):
                     h.on_end(run, ok)
     return finish(run)
@@ -97,16 +109,8 @@ def record_step(run: Run, out: dict, *, data_time: float, step_time: float) -> N
 
 
 def check_batch(cfg: JobConfig, mesh) -> None:
-    """Refuse, before any compilation, a batch the mesh or the processes cannot split."""
-    B, A = cfg.train.global_batch_size, cfg.train.grad_accum
-    n = parallel.batch_axis_size(mesh, parallel.rules_from_config(cfg.mesh))
-    P = jax.process_count()
-    if B % P:
-        raise ConfigError(f"train.global_batch_size: {B} is not divisible by the {P} processes (each owns B/P lanes)")
-    if (B // A) % n:
-        what = f"global_batch_size / grad_accum = {B // A}" if A > 1 else f"global_batch_size {B}"
-        raise ConfigError(f"train.global_batch_size: {what} is not divisible by the data-parallel size "
-                          f"(data x fsdp = {n})")
+    """Refuse, before any compilation, a batch (or heads) the mesh or the processes cannot split."""
+    parallel.check_fits(cfg, dict(mesh.shape), jax.process_count())
 
 
 @contextlib.contextmanager
