@@ -64,7 +64,8 @@ def test_greedy_logits_equal_segmented_forward(kind):
     L = cfg.seq_len
     rng = np.random.default_rng(1)
     # prefill lengths: one token, a whole block, mid-block past L; each decodes across an L boundary
-    lengths = (1, cfg.block_len, L + 3) if kind in ("mixed_slide_bstSH_s4d_brect",) or kind not in FAST else (L + 3,)
+    # prefills of 1 token, one block and past L for the mixed stack (the block-long one under slow)
+    lengths = (1, L + 3) if kind == "mixed_slide_bstSH_s4d_brect" else (1, cfg.block_len, L + 3) if kind not in FAST else (L + 3,)
     for P in lengths:
         prompt = rng.integers(0, cfg.vocab_size, (2, P)).astype(np.int32)
         check_greedy_exact(model, prompt, n=L + 5 - (P % L))

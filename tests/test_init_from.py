@@ -41,7 +41,12 @@ def test_init_from_export_gives_its_params_a_fresh_optimizer_and_step_0(tiny_ref
     assert any(isinstance(s, optax.ScaleByAdamState) for s in jax.tree.leaves(
         start.state["opt_state"], is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)))
 
-    # the fine-tune trains from there and checkpoints as its own run
+
+
+@pytest.mark.slow  # a training run; the initial state above is the property, this shows the run uses it
+def test_a_fine_tune_trains_and_checkpoints_as_its_own_run(tiny_reference, tmp_path):
+    export = str(tmp_path / "export")
+    params_lib.export(tiny_reference[0], export)
     summary = train_in_process(REFERENCE_JOB, tmp_path / "finetune",
                                [f"train.init_from={export}", "train.steps=2", "checkpoint.every=2"])
     assert summary["start_step"] == 0 and checkpoint_steps(tmp_path / "finetune") == [2]

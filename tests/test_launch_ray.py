@@ -150,6 +150,7 @@ def reference(head, tmp_path_factory):
         return json.loads(path.read_text())
 
 
+@pytest.mark.slow  # minutes on 2 cores; tests/test_train_processes.py proves multi-process equality without Ray
 def test_two_workers_match_one_process_on_eight_devices(reference, tmp_path):
     import jax
     import numpy as np

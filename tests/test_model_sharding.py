@@ -58,24 +58,25 @@ def test_sharded_equals_single_device():
             assert emb.addressable_shards[0].data.shape == (emb.shape[0] // 2, emb.shape[1] // 2)
 
 
-def test_gradients_are_finite_for_every_layer_kind():
-    for variant, kernel in [("SH", "s4d"), ("MH", "unstruct"), ("MF", "s4d")]:
-        cfg = tiny_cfg(bst={"variant": variant, "kernel": kernel}, brect={"gate": "lstm"})
-        model = build(cfg, nnx.Rngs(1))
-        B = 2
-        x = tokens(3, B, cfg.seq_len + 1)
+@pytest.mark.parametrize("variant,kernel", [("SH", "s4d"), pytest.param("MH", "unstruct", marks=pytest.mark.slow),
+                                            pytest.param("MF", "s4d", marks=pytest.mark.slow)])
+def test_gradients_are_finite_for_every_layer_kind(variant, kernel):
+    cfg = tiny_cfg(bst={"variant": variant, "kernel": kernel}, brect={"gate": "lstm"})
+    model = build(cfg, nnx.Rngs(1))
+    B = 2
+    x = tokens(3, B, cfg.seq_len + 1)
 
-        def loss_fn(model):
-            logits, _ = model(x[:, :-1], model.init_cache(B), jnp.ones((B,), bool))
-            lp = jax.nn.log_softmax(logits, -1)
-            return -jnp.mean(jnp.take_along_axis(lp, x[:, 1:, None], -1))
+    def loss_fn(model):
+        logits, _ = model(x[:, :-1], model.init_cache(B), jnp.ones((B,), bool))
+        lp = jax.nn.log_softmax(logits, -1)
+        return -jnp.mean(jnp.take_along_axis(lp, x[:, 1:, None], -1))
 
-        grads = nnx.grad(loss_fn)(model)
-        flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(grads))[0]
-        assert flat and all(bool(jnp.all(jnp.isfinite(g))) for _, g in flat)
-        # every parameter takes part in the loss of a fresh sequence (initial states included)
-        dead = [jax.tree_util.keystr(p) for p, g in flat if float(jnp.abs(g).sum()) == 0]
-        assert not dead, f"{variant}:{kernel}: parameters without a gradient: {dead}"
+    grads = nnx.grad(loss_fn)(model)
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(grads))[0]
+    assert flat and all(bool(jnp.all(jnp.isfinite(g))) for _, g in flat)
+    # every parameter takes part in the loss of a fresh sequence (initial states included)
+    dead = [jax.tree_util.keystr(p) for p, g in flat if float(jnp.abs(g).sum()) == 0]
+    assert not dead, f"{variant}:{kernel}: parameters without a gradient: {dead}"
 
 
 def test_bad_inputs_are_clear_errors():

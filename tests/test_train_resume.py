@@ -40,7 +40,8 @@ def reference(tmp_path_factory):
     return job, run_to_end(job, str(d / "run")), metrics_lines(str(d / "run"))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+# SIGTERM's save-then-resume also runs through Ray in test_launch_ray.py (default suite)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_interrupted_run_resumes_bitwise(reference, tmp_path, sig):
     job, ref, ref_lines = reference
     run_dir = str(tmp_path / "run")

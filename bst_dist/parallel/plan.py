@@ -11,6 +11,7 @@ fits.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -75,13 +76,13 @@ def chip_facts(devices) -> tuple[float | None, float | None, str]:
 
 def suggest_mesh(cfg, devices, hbm: float) -> str | None:
     """The first (fsdp, tensor) split, smallest first, whose resident state fits `hbm`."""
-    from bst_dist import config as config_lib, parallel
+    from bst_dist import parallel
 
     n = len(devices)
     for fsdp in (f for f in (1, 2, 4, 8, 16, 32, 64, 128) if n % f == 0):
         for tensor in (t for t in (1, 2, 4, 8) if (n // fsdp) % t == 0 and cfg.model.num_heads % t == 0):
-            mesh_cfg = config_lib.replace(cfg.mesh, data=n // fsdp // tensor, fsdp=fsdp, tensor=tensor)
-            trial = config_lib.replace(cfg, mesh=mesh_cfg)
+            mesh_cfg = dataclasses.replace(cfg.mesh, data=n // fsdp // tensor, fsdp=fsdp, tensor=tensor)
+            trial = dataclasses.replace(cfg, mesh=mesh_cfg)
             try:
                 parallel.check_fits(trial, {"data": n // fsdp // tensor, "fsdp": fsdp, "tensor": tensor})
                 mesh = parallel.make_mesh(mesh_cfg, devices)

@@ -471,7 +471,15 @@ class Checkpointer:
             meta = self._read_meta(step)
             version = format_version(meta)
             if version >= 2:
-                raise integrity.CorruptStep(f"no {integrity.MANIFEST} (the save did not finish)")
+                # Orbax lists only committed steps, so this one is complete: the run stopped before
+                # hashing it. An older verified step is preferred; with none, this is the work there is.
+                older = [s for s in self._mngr.all_steps() if s < step and integrity.has_manifest(self.step_dir(s))]
+                if older:
+                    raise integrity.CorruptStep(f"no {integrity.MANIFEST} (the save did not finish)")
+                log.warning("checkpoint step %d has no %s (the run stopped before hashing it) and no older "
+                            "verified step exists: restoring it unverified", step, integrity.MANIFEST)
+                self._checked.add(step)
+                return
             log.warning("checkpoint step %d was written by an older bst_dist (format %d, no checksums): "
                         "restoring it unverified; the next save writes format %d", step, version, FORMAT_VERSION)
         self._checked.add(step)
