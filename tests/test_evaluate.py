@@ -1,5 +1,6 @@
 """Evaluation equals a naive reference: streamed (documents in order with the cache carried,
-perplexity per position bucket) and at length T (first T tokens, one pass, T rounded up to W)."""
+perplexity per position bucket) and at length T (the same windows at every T, cut into T-long rows, one
+pass each from a fresh cache, rows rounded up to W)."""
 
 import math
 
@@ -48,21 +49,31 @@ def test_streamed_equals_naive_loop(setup_and_params):
     assert got["eval_ppl_0-4k"] == pytest.approx(math.exp(nats / toks), rel=1e-4)  # 3 x 64 tokens: all < 4k
 
 
-def test_at_length_equals_naive_and_pads_to_w(setup_and_params):
+@pytest.mark.parametrize("T", [100, 32])
+def test_at_length_equals_naive_and_pads_to_w(setup_and_params, T):
+    """Windows of 100 tokens of the first 3 documents (those that have one), cut into T-long rows
+    (T=32: three rows of 32 and one of 4), each row one pass from a fresh cache, padded to W=16."""
     from data_pipelines import ensure_prepared, iter_documents
 
     setup, params = setup_and_params
-    got = eval_at_length(setup, params, 100, split="validation", max_docs=3)
-    assert got["T_padded"] == 112 and got["documents"] == 3
+    got = eval_at_length(setup, params, T, split="validation", window=100, max_windows=2, max_docs=3)
+    assert got["T_padded"] == -(-T // 16) * 16 and got["window"] == 100
     model = nnx.merge(setup.graphdef, jax.device_get(params))
     nats = toks = 0.0
+    docs = windows = 0
     for _, (_, doc) in zip(range(3), iter_documents(ensure_prepared(setup.cfg.data), "validation")):
-        n = min(len(doc), 101)  # documents shorter than T count what they have
-        x = np.zeros((1, 113), np.int32)
-        x[0, :n] = doc[:n]
-        mask = np.zeros((1, 112), np.float32)
-        mask[0, :n - 1] = 1
-        n, t, _ = naive_nll(model, x[:, :-1], x[:, 1:], mask, model.init_cache(1), np.ones((1,), bool))
-        nats, toks = nats + n, toks + t
-    assert got["tokens"] == toks > 0
+        docs += len(doc) >= 101  # a document shorter than one window gives none
+        for w in range(min((len(doc) - 1) // 100, 2)):
+            windows += 1
+            for s in range(0, 100, T):
+                row = doc[w * 100 + s:w * 100 + min(s + T, 100) + 1]
+                Tp = got["T_padded"]
+                x = np.zeros((1, Tp + 1), np.int32)
+                x[0, :len(row)] = row
+                mask = np.zeros((1, Tp), np.float32)
+                mask[0, :len(row) - 1] = 1
+                n, t, _ = naive_nll(model, x[:, :-1], x[:, 1:], mask, model.init_cache(1), np.ones((1,), bool))
+                nats, toks = nats + n, toks + t
+    assert got["documents"] == docs > 0 and got["windows"] == windows
+    assert got["tokens"] == toks == 100 * windows
     assert got["loss"] == pytest.approx(nats / toks, rel=1e-5)

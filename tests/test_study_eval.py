@@ -1,7 +1,7 @@
 """The study's evaluation against naive references on a tiny model: fresh-cache perplexity per
 sequence-position bucket equals a plain loop calling the model with a new cache per sequence; the
 carried mode reproduces StreamEvaluator; at-length results do not depend on the batch size the
-token budget picks."""
+token budget picks, and score the same tokens at every T."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from bst_dist import config, parallel
-from bst_dist.eval.evaluators import eval_at_length
+from bst_dist.eval.evaluators import StreamEvaluator, eval_at_length
 from bst_dist.eval.sequences import length_batch
 from bst_dist.eval.suite import EvalSpec, evaluate_params
 from bst_dist.train import state as state_lib
@@ -60,8 +60,11 @@ def test_fresh_equals_naive_new_cache_per_sequence(evaluated):
 
 
 def test_carried_reproduces_stream_evaluator_and_differs_from_fresh(evaluated):
-    _, _, result = evaluated
-    carried, stream, fresh = result["carried"], result["streamed"], result["fresh"]
+    """carried is the streamed (training) mode: the suite does not run StreamEvaluator again."""
+    setup, params, result = evaluated
+    assert "streamed" not in result
+    stream = StreamEvaluator(setup, split=SPEC.split, max_batches=SPEC.max_batches).run(params)
+    carried, fresh = result["carried"], result["fresh"]
     assert carried["tokens"] == stream["eval_tokens"] == fresh["tokens"]
     assert carried["loss"] == pytest.approx(stream["eval_loss"], rel=1e-5)
     assert carried["doc_buckets"][0]["bucket"] == "0-4k"
@@ -82,6 +85,14 @@ def test_at_length_independent_of_the_batch_the_budget_picks(evaluated):
     setup, params, result = evaluated
     assert [r["T"] for r in result["at_length"]] == [32, 100]
     r = result["at_length"][1]  # length_batch(100, 8, 1600) = 16 rows; the reference runs 8
-    ref = eval_at_length(setup, params, 100, split="validation", max_docs=5, batch_size=8)
-    assert r["documents"] == ref["documents"] == 5 and r["tokens"] == ref["tokens"] > 0
+    ref = eval_at_length(setup, params, 100, split="validation", window=100, max_windows=SPEC.max_windows,
+                         max_docs=5, batch_size=8)
+    assert r["documents"] == ref["documents"] > 0 and r["tokens"] == ref["tokens"] > 0
     assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+
+
+def test_at_length_scores_the_same_tokens_at_every_T(evaluated):
+    _, _, result = evaluated
+    a32, a100 = result["at_length"]
+    assert a32["window"] == a100["window"] == 100 and a32["windows"] == a100["windows"] > 0
+    assert a32["tokens"] == a100["tokens"] == 100 * a100["windows"]

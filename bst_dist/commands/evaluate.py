@@ -1,5 +1,6 @@
 """`bst-dist eval RUN_DIR|EXPORT [--job JOB.yaml] [--split validation] [--lengths 512,4096,16384]`: streamed perplexity
-with the cache (per position bucket) and perplexity at each length T in one pass."""
+with the cache (per position bucket) and perplexity at each length T (the same text at every T, scored in
+T-long rows from a fresh cache)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ def add_args(p):
     p.add_argument("--lengths", default="", help="comma-separated T for the at-length mode, e.g. 512,4096,16384")
     p.add_argument("--max-batches", type=int, default=0, help="streamed mode: stop after N steps (0: whole split)")
     p.add_argument("--max-docs", type=int, default=0, help="at-length mode: first N documents (0: all)")
+    p.add_argument("--max-windows", type=int, default=0,
+                   help="at-length mode: windows of max(--lengths) tokens per document (0: all); every T scores "
+                        "the same windows")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -26,6 +30,6 @@ def run(args) -> int:
     except ValueError:
         raise UserError(f"--lengths {args.lengths!r}: expected comma-separated integers, e.g. 512,4096") from None
     result = evaluate_run(args.run_dir, split=args.split, lengths=lengths, max_batches=args.max_batches,
-                          max_docs=args.max_docs, step=args.step, overrides=args.overrides, job=args.job)
+                          max_docs=args.max_docs, max_windows=args.max_windows, step=args.step, overrides=args.overrides, job=args.job)
     print(json.dumps(result, indent=2))
     return 0

@@ -3,8 +3,9 @@
 * streamed: documents cut into L-long sequences read in order with the evaluation's own cache
   (separate from training's), as in training; perplexity overall and per position bucket within
   the document (0-4k, 4k-16k, 16k-65k, 65k+).
-* at length T: each document's first T tokens in one pass with a fresh cache (the BST paper's
-  length-generalisation protocol); T is rounded up to a multiple of W with the padding masked;
+* at length T: the same windows of text at every T, cut into T-long rows each scored in one pass
+  with a fresh cache (the BST paper's length-generalisation protocol, like with like across T);
+  a row is rounded up to a multiple of W with the padding masked;
   unstructured filters are evaluated on the training grid (tap k at k/L) out to length T
   (docs/model_spec.md).
 Both compute on the training mesh and reduce on device, so several processes can run them.
@@ -101,14 +102,32 @@ def _rows(setup: Setup, ndim: int):
     return batch_sharding(setup.mesh, ndim, setup.rules)
 
 
-def eval_at_length(setup: Setup, params, T: int, split: str = "validation", max_docs: int = 0,
-                   batch_size: int | None = None) -> dict:
-    """Perplexity of each document's first T tokens in one pass (fresh cache, no carry)."""
+def length_windows(docs, window: int, max_windows: int = 0, max_docs: int = 0):
+    """The scored text of the length protocol: the first `max_windows` (0: all) non-overlapping
+    windows of `window` + 1 tokens of each of the first `max_docs` (0: all) documents. A document
+    shorter than one window gives none. Yields (document index, window)."""
+    for d, (_, tokens) in enumerate(docs):
+        if max_docs and d >= max_docs:
+            break
+        n = (len(tokens) - 1) // window
+        for w in range(min(n, max_windows) if max_windows else n):
+            yield d, np.asarray(tokens[w * window:(w + 1) * window + 1], np.int32)
+
+
+def eval_at_length(setup: Setup, params, T: int, split: str = "validation", window: int | None = None,
+                   max_windows: int = 0, max_docs: int = 0, batch_size: int | None = None) -> dict:
+    """Perplexity of the same text at every evaluation length T: the `length_windows` of `window`
+    tokens (T when None), each cut into rows of T tokens (the last row shorter when T does not
+    divide the window), every row scored in one pass from a fresh cache. At every T each token of
+    the windows is scored once, with the T-row's earlier tokens (at most T) as its context, so
+    the perplexities of several T compare like with like (the BST paper's length-generalisation
+    figure): a model that uses longer context scores lower at larger T."""
     from data_pipelines import ensure_prepared, iter_documents
 
     cfg = setup.cfg
     W = cfg.model.block_len
-    Tp = -(-T // W) * W
+    window = window or T
+    Tp = -(-min(T, window) // W) * W
     B = batch_size or cfg.train.global_batch_size
     graphdef = setup.graphdef
     cache_sh = jax.tree.map(lambda s: _rows(setup, len(s.shape)), Cache.spec(cfg.model, B, Tp))
@@ -121,7 +140,7 @@ def eval_at_length(setup: Setup, params, T: int, split: str = "validation", max_
         return nats, count
 
     nats = toks = 0.0
-    docs = 0
+    docs, windows = set(), 0
     rows: list[np.ndarray] = []
 
     def flush():
@@ -141,13 +160,13 @@ def eval_at_length(setup: Setup, params, T: int, split: str = "validation", max_
         toks += float(t)
         rows.clear()
 
-    for _, tokens in iter_documents(ensure_prepared(cfg.data), split):
-        rows.append(np.asarray(tokens[:T + 1], np.int32))
-        docs += 1
-        if len(rows) == B:
-            flush()
-        if max_docs and docs >= max_docs:
-            break
+    for d, w in length_windows(iter_documents(ensure_prepared(cfg.data), split), window, max_windows, max_docs):
+        docs.add(d)
+        windows += 1
+        for s in range(0, window, T):  # rows overlap by one token: a row's last target is the next one's first input
+            rows.append(w[s:s + T + 1])
+            if len(rows) == B:
+                flush()
     flush()
-    return {"T": T, "T_padded": Tp, "documents": docs, "tokens": int(toks), "loss": nats / max(toks, 1),
-            "ppl": _ppl(nats, toks)}
+    return {"T": T, "T_padded": Tp, "window": window, "windows": windows, "documents": len(docs),
+            "tokens": int(toks), "loss": nats / max(toks, 1), "ppl": _ppl(nats, toks)}

@@ -26,7 +26,7 @@ def _export_job(export_dir: str, job: str | None, overrides: list[str] | None) -
 
 
 def evaluate_run(run_dir: str, *, split: str = "validation", lengths: list[int] = (), max_batches: int = 0,
-                 max_docs: int = 0, step: int | None = None, overrides: list[str] | None = None,
+                 max_docs: int = 0, max_windows: int = 0, step: int | None = None, overrides: list[str] | None = None,
                  job: str | None = None) -> dict:
     """`run_dir`: a run directory (its newest checkpoint, or `step`) or an export (with `job`).
     Writes eval_<split>_step<N>.json beside the parameters and returns the same dict."""
@@ -51,7 +51,9 @@ def evaluate_run(run_dir: str, *, split: str = "validation", lengths: list[int] 
         setup, params, at_step = start.setup, start.state["params"], start.step
     result = {"run_dir": run_dir, "step": at_step, "split": split,
               "streamed": StreamEvaluator(setup, split=split, max_batches=max_batches).run(params)}
-    result["at_length"] = [eval_at_length(setup, params, T, split=split, max_docs=max_docs) for T in lengths]
+    window = max(lengths, default=0)  # every T scores the same windows of this many tokens
+    result["at_length"] = [eval_at_length(setup, params, T, split=split, window=window, max_windows=max_windows,
+                                          max_docs=max_docs) for T in lengths]
     with open(os.path.join(run_dir, f"eval_{split}_step{at_step}.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result

@@ -1,9 +1,11 @@
 """The quality study's evaluation of one trained run (docs/quality.md), on a held-out split:
 
   fresh      perplexity at the training length L, a fresh cache for every sequence
-  carried    the same sequences with the cache carried through each document
-  streamed   StreamEvaluator: whole documents in order with the cache carried (the training mode)
-  at_length  each document's first T tokens in one pass, T in `lengths` (length generalisation)
+  carried    the same sequences with the cache carried through each document, in order: the
+             streamed (training) mode, whose numbers StreamEvaluator gives too (tested), so it
+             is not run a second time
+  at_length  the same windows of max(lengths) tokens at every T in `lengths`, cut into T-long
+             rows each scored from a fresh cache (length generalisation, like with like)
 
 fresh and carried also give perplexity per position bucket within the sequence and within the
 document (eval/sequences.py). The parameters alone are restored (no optimizer)."""
@@ -25,12 +27,13 @@ class EvalSpec:
     max_batches: int = 0  # fresh/carried/streamed: L-long steps of the document lanes (0: the whole split)
     lengths: tuple[int, ...] = DEFAULT_LENGTHS
     max_docs: int = 0  # at_length: first N documents (0: all)
+    max_windows: int = 4  # at_length: windows of max(lengths) tokens per document (0: all)
     length_tokens: int = 32768  # at_length: about this many tokens per batch (the logits are V floats a token)
     batch_size: int = 0  # fresh/carried/streamed rows per step (0: the job's global batch)
 
 
 def evaluate_params(setup, params, spec: EvalSpec) -> dict:
-    from bst_dist.eval.evaluators import StreamEvaluator, eval_at_length
+    from bst_dist.eval.evaluators import eval_at_length
     from bst_dist.eval.sequences import length_batch, sequence_eval
 
     B = spec.batch_size or None
@@ -40,15 +43,12 @@ def evaluate_params(setup, params, spec: EvalSpec) -> dict:
         out[name] = sequence_eval(setup, params, split=spec.split, carry=carry, max_batches=spec.max_batches,
                                   batch_size=B)
         times[name] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out["streamed"] = StreamEvaluator(setup, split=spec.split, max_batches=spec.max_batches, batch_size=B).run(params)
-    times["streamed"] = time.perf_counter() - t0
     n = parallel.batch_axis_size(setup.mesh, setup.rules)
     out["at_length"] = []
     for T in spec.lengths:
         t0 = time.perf_counter()
-        r = eval_at_length(setup, params, T, split=spec.split, max_docs=spec.max_docs,
-                           batch_size=length_batch(T, n, spec.length_tokens))
+        r = eval_at_length(setup, params, T, split=spec.split, window=max(spec.lengths), max_windows=spec.max_windows,
+                           max_docs=spec.max_docs, batch_size=length_batch(T, n, spec.length_tokens))
         out["at_length"].append(r)
         times[f"at_length_{T}"] = time.perf_counter() - t0
     out["seconds"] = times

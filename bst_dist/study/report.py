@@ -24,18 +24,23 @@ def _f(x, fmt="{:.3f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def _gain(fresh, carried) -> str:
+    """How much lower carried perplexity is than fresh, in percent of fresh."""
+    return "-" if not fresh or carried is None else f"{1 - carried / fresh:+.1%}"
+
+
 def tables(study: Study, results: list[dict]) -> str:
     lines = [f"# Study {study.name}", "", *([study.description, ""] if study.description else []),
              f"Token budget per run: {study.tokens:,}. Evaluation split: {study.eval.split}.", "",
              "| run | model | non-emb params | tokens | steps | wall (s) | tok/s | final train loss | "
-             "ppl fresh @L | ppl carried @L | ppl streamed | device | digest |",
+             "ppl fresh @L | ppl carried @L | carried gain | device | digest |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in results:
         e, t = r["eval"], r["train"]
         lines.append(f"| {r['run']} | {r['label']} | {r['params']['non_embedding']:,} | {r['tokens']:,} | "
                      f"{r['steps']} | {t['wall_s']:.0f} | {_f(t['tokens_per_sec_after_first'], '{:,.0f}')} | "
                      f"{_f(t['final_loss_last10pct'])} | {_f(e['fresh']['ppl'], '{:.2f}')} | "
-                     f"{_f(e['carried']['ppl'], '{:.2f}')} | {_f(e['streamed'].get('eval_ppl'), '{:.2f}')} | "
+                     f"{_f(e['carried']['ppl'], '{:.2f}')} | {_gain(e['fresh']['ppl'], e['carried']['ppl'])} | "
                      f"{r['device']['kind']} x{r['device']['count']} | `{r['config_digest']}` |")
     if results:
         ne = [r["params"]["non_embedding"] for r in results]
@@ -43,7 +48,10 @@ def tables(study: Study, results: list[dict]) -> str:
                       f"(spread {max(ne) / min(ne) - 1:.1%}; tolerance "
                       f"{'none' if study.param_tolerance is None else f'{study.param_tolerance:.0%}'})."]
         lengths = sorted({a["T"] for r in results for a in r["eval"]["at_length"]})
+        scored = sorted({a["tokens"] for r in results for a in r["eval"]["at_length"]})
         lines += [] if not lengths else ["", "## Perplexity at evaluation length T (fresh cache, one pass)", "",
+                  f"The same text at every T ({', '.join(f'{n:,}' for n in scored)} tokens), cut into T-long rows "
+                  "each scored from a fresh cache: a token's context is at most T.", "",
                   "| run | " + " | ".join(f"T={T}" for T in lengths) + " |",
                   "| --- |" + " ---: |" * len(lengths)]
         for r in results if lengths else []:
