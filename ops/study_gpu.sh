@@ -10,8 +10,8 @@
 #   4. stops the study with SIGTERM (a checkpoint is saved, exit 143) when --deadline seconds since
 #      the script started are near, so that step 5 still happens under a command time limit; the
 #      same command again resumes;
-#   5. copies results/<run>.json, report.md, plots/, params.json, each run's metrics.jsonl and the
-#      corpus manifest into $OUT when it is set.
+#   5. packs results/<run>.json, report.md, plots/, params.json, each run's metrics.jsonl and the
+#      corpus manifest into one archive, $OUT/study.tgz, when OUT is set.
 #
 #   bash ops/study_gpu.sh --only slide_12l_s0,bst_sh_s4_s0,brect_fixed_skip
 #   bash ops/study_gpu.sh --only bst_mf_s4 -- --set train.log_every=50   (after --: bst-dist study arguments)
@@ -79,13 +79,10 @@ if [ "$status" -eq 124 ]; then
 fi
 
 if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT/metrics"
-  cp "$DATA/manifest.json" "$OUT/pysrc_manifest.json"
-  for f in results report.md plots params.json; do
-    if [ -e "$DIR/$f" ]; then cp -r "$DIR/$f" "$OUT/"; fi
-  done
-  for d in "$DIR"/runs/*/; do
-    if [ -f "$d/metrics.jsonl" ]; then cp "$d/metrics.jsonl" "$OUT/metrics/$(basename "$d").jsonl"; fi
-  done
+  # One archive to copy back instead of the dozens of files a study directory holds.
+  cp "$DATA/manifest.json" "$DIR/pysrc_manifest.json"
+  ( cd "$DIR" && tar czf "$OUT/study.tgz" pysrc_manifest.json \
+      $(ls -d results report.md plots params.json runs/*/metrics.jsonl 2>/dev/null) )
+  echo "ops/study_gpu.sh: wrote $OUT/study.tgz (tar xzf study.tgz -C STUDY_DIR; then bst-dist study --report-only)"
 fi
 exit $status

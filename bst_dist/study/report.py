@@ -32,13 +32,13 @@ def _gain(fresh, carried) -> str:
 def tables(study: Study, results: list[dict]) -> str:
     lines = [f"# Study {study.name}", "", *([study.description, ""] if study.description else []),
              f"Token budget per run: {study.tokens:,}. Evaluation split: {study.eval.split}.", "",
-             "| run | model | non-emb params | tokens | steps | wall (s) | tok/s | final train loss | "
+             "| run | model | non-emb params | tokens | steps | train (s) | eval (s) | tok/s | final train loss | "
              "ppl fresh @L | ppl carried @L | carried gain | device | digest |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in results:
         e, t = r["eval"], r["train"]
         lines.append(f"| {r['run']} | {r['label']} | {r['params']['non_embedding']:,} | {r['tokens']:,} | "
-                     f"{r['steps']} | {t['wall_s']:.0f} | {_f(t['tokens_per_sec_after_first'], '{:,.0f}')} | "
+                     f"{r['steps']} | {t['wall_s']:.0f} | {_f(r.get('eval_wall_s'), '{:.0f}')} | {_f(t['tokens_per_sec_after_first'], '{:,.0f}')} | "
                      f"{_f(t['final_loss_last10pct'])} | {_f(e['fresh']['ppl'], '{:.2f}')} | "
                      f"{_f(e['carried']['ppl'], '{:.2f}')} | {_gain(e['fresh']['ppl'], e['carried']['ppl'])} | "
                      f"{r['device']['kind']} x{r['device']['count']} | `{r['config_digest']}` |")
