@@ -83,7 +83,7 @@ class Hook:
 
 
 class Metrics(Hook):
-    """metrics.jsonl, TensorBoard and the progress line (chief), and the Ray report (all ranks)."""
+    """metrics.jsonl, TensorBoard, W&B and the progress line (chief), and the Ray report (all ranks)."""
 
     def __init__(self, report: Callable[[dict], None] | None = None):
         self.report = report
@@ -91,7 +91,8 @@ class Metrics(Hook):
     def on_start(self, run: Run) -> None:
         t = run.cfg.train
         self.logger = run.logger = MetricsLogger(t.run_dir, is_chief=run.chief, total_steps=t.steps,
-                                                 log_every=t.log_every)
+                                                 log_every=t.log_every, loggers=t.loggers, wandb=t.wandb,
+                                                 job_name=run.cfg.name, job_config=config_lib.to_dict(run.cfg))
         self.logger.truncate_after(run.step)  # a resume rewrites the steps after its checkpoint
         self.flops = train_step_flops(run.cfg.model, t.global_batch_size)
         self.peak = device_peak_flops(jax.devices()[0])
