@@ -155,6 +155,9 @@ class TrainConfig:
     # read it), TensorBoard events under <run_dir>/tb, a Weights & Biases run (train.wandb)
     loggers: tuple[Literal["jsonl", "tensorboard", "wandb"], ...] = ("jsonl", "tensorboard")
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # [start, stop]: a JAX profiler trace of steps start+1..stop (process 0) under <run_dir>/tb,
+    # for TensorBoard's profile plugin; start 0 includes the first step's compilation
+    profile_steps: Optional[tuple[int, int]] = None
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,13 @@ def _train(cfg: JobConfig) -> None:
     for k in ("project", "entity", "name"):
         if getattr(t.wandb, k) is not None and not getattr(t.wandb, k).strip():
             raise ConfigError(f"train.wandb.{k}: empty; leave it out (null) for the default")
+    if t.profile_steps is not None:
+        start, stop = t.profile_steps
+        if not 0 <= start < stop:
+            raise ConfigError(f"train.profile_steps: [{start}, {stop}]; need stop > start >= 0 (the trace holds "
+                              "steps start+1..stop)")
+        if stop > t.steps:
+            raise ConfigError(f"train.profile_steps: stop {stop} is past train.steps={t.steps}")
     o = t.optimizer
     _positive("train.optimizer.lr", o.lr)
     _fraction("train.optimizer.min_lr_ratio", o.min_lr_ratio, one=True)

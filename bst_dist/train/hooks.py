@@ -158,5 +158,42 @@ class NanGuard(Hook):
                                 f"saved step {run.step}; lower the learning rate or check the data")
 
 
+class Profile(Hook):
+    """train.profile_steps [start, stop]: a JAX profiler trace of steps start+1..stop on process 0,
+    written where TensorBoard's profile plugin finds it (<run_dir>/tb/plugins/profile/<time>/).
+
+    Started after step `start` and its hooks, stopped after step `stop` and its hooks, so the
+    trace holds those steps whole (the loop marks each with a StepTraceAnnotation). Placed last
+    in the hook list for that reason. A resumed run inside the window traces what is left of it."""
+
+    def on_start(self, run: Run) -> None:
+        self.window = run.cfg.train.profile_steps if run.chief else None
+        self.active = False
+        self._maybe_start(run)
+
+    def _maybe_start(self, run: Run) -> None:
+        if self.window and not self.active and self.window[0] <= run.step < self.window[1]:
+            local_run_dir = run.logger.run_dir if run.logger is not None else run.cfg.train.run_dir
+            jax.profiler.start_trace(os.path.join(local_run_dir, "tb"))
+            self.active = True
+
+    def _stop(self, run: Run) -> None:
+        jax.block_until_ready((run.state, run.cache))  # the last step's work is in the trace
+        jax.profiler.stop_trace()
+        self.active, self.window = False, None
+        log.info("profile of steps %d..%d written under %s", *run.cfg.train.profile_steps,
+                 os.path.join(run.cfg.train.run_dir, "tb"))
+
+    def after_step(self, run: Run) -> None:
+        if self.active and run.step >= self.window[1]:
+            self._stop(run)
+        else:
+            self._maybe_start(run)
+
+    def on_end(self, run: Run, ok: bool) -> None:
+        if self.active:
+            self._stop(run)
+
+
 def standard_hooks(report=None, stop=None) -> list[Hook]:
     return [Metrics(report), Checkpoints(), StopOnRequest(stop), NanGuard()]
