@@ -84,11 +84,13 @@ def format_duration(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def _fields(m: dict) -> list[str]:
+def _fields(m: dict, skipped_so_far: int = 0) -> list[str]:
     out = []
-    if m.get("loss") is not None:
+    if m.get("skipped"):  # a non-finite step: no update was applied (train.max_nan_steps)
+        out.append(f"loss non-finite: step skipped ({skipped_so_far} so far)")
+    elif m.get("loss") is not None:
         out.append(f"loss {m['loss']:.3f}")
-    if m.get("ppl") is not None:
+    if m.get("ppl") is not None and not m.get("skipped"):
         out.append(f"ppl {m['ppl']:.1f}")
     if m.get("tokens_per_sec") is not None:
         out.append(f"tok/s {m['tokens_per_sec']:,.0f}")
@@ -131,6 +133,8 @@ class MetricsLogger:
     On a TTY (stderr) a tqdm bar with loss, tokens/s, MFU and ETA; otherwise a plain line every
     `log_every` steps (and at the last step), e.g.
     `step 40/300 loss 5.123 ppl 168.0 tok/s 12,345 mfu 1.2% step 0.21s data 0.001s ckpt 0.000s eta 1m02s`.
+    A skipped (non-finite) step always gets a line, `step 41/300 loss non-finite: step skipped
+    (1 so far) tok/s ...`; the bar shows the count.
     Non-chief processes do nothing (and create no files).
     """
 
@@ -149,6 +153,7 @@ class MetricsLogger:
         self._bar = None
         self._files: dict[str, TextIO] = {}
         self._t0: tuple[float, int] | None = None  # (time, step) of the first step logged
+        self._skipped = 0  # non-finite steps skipped since this process started the run
         self._mirror = None
         self._use_tensorboard = "tensorboard" in loggers
         self._wandb = None
@@ -247,18 +252,22 @@ class MetricsLogger:
 
     def _progress(self, step: int, m: dict) -> None:
         eta = self._eta(step)
+        self._skipped += bool(m.get("skipped"))
+        fields = _fields(m, self._skipped)
         if self._tty:
             if self._bar is None:
                 from tqdm import tqdm
 
                 self._bar = tqdm(total=self.total_steps, initial=max(step - 1, 0), unit="step",
                                  dynamic_ncols=True, file=self._stream or sys.stderr)
-            self._bar.set_postfix_str(" ".join(_fields(m)[:4]), refresh=False)
+            shown = fields[:4] if not self._skipped or m.get("skipped") else [*fields[:3], f"skipped {self._skipped}"]
+            self._bar.set_postfix_str(" ".join(shown), refresh=False)
             self._bar.update(step - self._bar.n)
             return
-        if step % self.log_every == 0 or step >= self.total_steps:
+        # a skipped step always gets its line: between two log_every lines it would go unseen
+        if step % self.log_every == 0 or step >= self.total_steps or m.get("skipped"):
             eta_text = f" eta {format_duration(eta)}" if eta is not None else ""
-            self._print(" ".join([f"step {step}/{self.total_steps}", *_fields(m)]) + eta_text)
+            self._print(" ".join([f"step {step}/{self.total_steps}", *fields]) + eta_text)
 
     def close(self) -> None:
         if self._bar is not None:
