@@ -204,11 +204,12 @@ def train(cfg: JobConfig, *, address: Optional[str] = None, workers: Optional[in
         from bst_dist.launch.local import LocalRay
 
         with LocalRay(num_cpus=local_cpus(cfg), dashboard=get_dashboard_dependency_error() is None) as head:
-            log.info("embedded Ray on %s (dashboard %s); stopped when the run ends", head.address, head.dashboard_url)
+            log.info("embedded Ray on %s (dashboard %s, files in %s); stopped when the run ends", head.address,
+                     head.dashboard_url, head.temp_dir)
             head.connect()
             try:
                 check_resources(cfg)
-                return ray_trainer.fit(cfg, train_fn)
+                return ray_trainer.fit(cfg, train_fn, extra_env=head.worker_env())
             finally:
                 ray.shutdown()
     connect(addr, cfg)

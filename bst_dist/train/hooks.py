@@ -5,7 +5,8 @@ A hook sees the `Run` (the state, cache, step and the last step's metrics) at th
 ends (ok: it reached `train.steps`). A hook that must end the run raises: `SystemExit` for a
 requested stop, `TrainingError` for a run that cannot go on. Hooks run in list order, so the
 order below is the order of effects after a step: log and report it, checkpoint it, then decide
-whether to stop.
+whether to stop. The profiler (`Profile`) comes after every other hook, so that its trace holds
+whole steps.
 
 The hooks that need evaluation or plotting live beside those packages (`eval/hook.py`,
 `runs/plot.py`) and are added by `runs/job.py`; nothing here imports them.
