@@ -133,7 +133,6 @@ class WandbConfig:
     name: Optional[str] = None  # the run's display name; None: the run directory's name
 
 
-
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000

@@ -35,9 +35,10 @@ log = logging.getLogger("bst_dist.launch")
 # `_ACTIVE` says a training function is running; `_PREVIOUS` holds Ray's own handler, which
 # still ends the process when no training runs (Ray tears a worker group down with SIGTERM).
 _STOP = threading.Event()
-FAILED_KEY = "training_error"  # rank 0's return value for a run that stopped itself (TrainingError)
 _ACTIVE = threading.Event()
 _PREVIOUS: list = [None]
+
+FAILED_KEY = "training_error"  # rank 0's return value for a run that stopped itself (TrainingError)
 
 
 def _on_sigterm(signum, frame) -> None:
