@@ -25,11 +25,12 @@ from bst_dist.config.schema import (
     OptimizerConfig,
     RayConfig,
     TrainConfig,
+    WandbConfig,
 )
 from bst_dist.config.validate import validate
 
 __all__ = [
     "BRecTConfig", "BSTConfig", "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "MeshConfig",
-    "ModelConfig", "OptimizerConfig", "RayConfig", "TrainConfig", "dump", "from_dict",
+    "ModelConfig", "OptimizerConfig", "RayConfig", "TrainConfig", "WandbConfig", "dump", "from_dict",
     "load", "to_dict", "validate",
 ]

@@ -123,6 +123,17 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """`train.wandb`: the Weights & Biases run, used with `wandb` in train.loggers (docs/training.md)."""
+
+    project: Optional[str] = None  # None: $WANDB_PROJECT, else the job's name
+    entity: Optional[str] = None  # None: $WANDB_ENTITY, else the account's default
+    mode: Optional[Literal["online", "offline", "disabled"]] = None  # None: $WANDB_MODE, else online
+    tags: tuple[str, ...] = ()
+    name: Optional[str] = None  # the run's display name; None: the run directory's name
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
     global_batch_size: int = 8
@@ -139,6 +150,13 @@ class TrainConfig:
     # start from these parameters (a run directory, a checkpoint step directory or a `bst-dist
     # export`) with a fresh optimizer; ignored once the run has a checkpoint of its own
     init_from: Optional[str] = None
+    # where the chief's per-step metrics go: metrics.jsonl (always: resumes, plots and inspect
+    # read it), TensorBoard events under <run_dir>/tb, a Weights & Biases run (train.wandb)
+    loggers: tuple[Literal["jsonl", "tensorboard", "wandb"], ...] = ("jsonl", "tensorboard")
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # [start, stop]: a JAX profiler trace of steps start+1..stop (process 0) under <run_dir>/tb,
+    # for TensorBoard's profile plugin; start 0 includes the first step's compilation
+    profile_steps: Optional[tuple[int, int]] = None
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,24 @@ def _train(cfg: JobConfig) -> None:
     _at_least_0("train.eval_every", t.eval_every)
     _positive("train.eval_batches", t.eval_batches)
     _at_least_0("train.max_nan_steps", t.max_nan_steps)
+    if len(set(t.loggers)) != len(t.loggers):
+        raise ConfigError(f"train.loggers: {list(t.loggers)} names a logger twice")
+    if "jsonl" not in t.loggers:
+        raise ConfigError(f"train.loggers: {list(t.loggers)} must include jsonl (metrics.jsonl is what resumes, "
+                          "plots and `bst-dist inspect` read)")
+    for i, tag in enumerate(t.wandb.tags):
+        if not tag.strip() or len(tag) > 64:
+            raise ConfigError(f"train.wandb.tags[{i}]: {tag!r}; a tag is 1 to 64 characters")
+    for k in ("project", "entity", "name"):
+        if getattr(t.wandb, k) is not None and not getattr(t.wandb, k).strip():
+            raise ConfigError(f"train.wandb.{k}: empty; leave it out (null) for the default")
+    if t.profile_steps is not None:
+        start, stop = t.profile_steps
+        if not 0 <= start < stop:
+            raise ConfigError(f"train.profile_steps: [{start}, {stop}]; need stop > start >= 0 (the trace holds "
+                              "steps start+1..stop)")
+        if stop > t.steps:
+            raise ConfigError(f"train.profile_steps: stop {stop} is past train.steps={t.steps}")
     o = t.optimizer
     _positive("train.optimizer.lr", o.lr)
     _fraction("train.optimizer.min_lr_ratio", o.min_lr_ratio, one=True)

@@ -149,6 +149,14 @@ def local_cpus(cfg: JobConfig) -> int:
     return max(os.cpu_count() or 1, int(need + 0.999))
 
 
+def _check_loggers(cfg: JobConfig) -> None:
+    """A logger whose package is missing is one line before anything starts."""
+    if "wandb" in cfg.train.loggers:
+        from bst_dist.train.wandb_run import check_installed
+
+        check_installed()
+
+
 def run_in_process(cfg: JobConfig, train_fn: Optional[Callable[..., Any]] = None) -> Any:
     """--no-ray: the training function in this process, with the whole global mesh here."""
     from bst_dist.launch.ray_trainer import cpu_xla_flags, platform
@@ -175,9 +183,12 @@ def train(cfg: JobConfig, *, address: Optional[str] = None, workers: Optional[in
     # Which checkout runs: a submitted job's working_dir copy shadows an installed bst_dist.
     log.info("bst_dist %s from %s", bst_dist.__version__, os.path.dirname(os.path.dirname(bst_dist.__file__)))
     if no_ray:
+        _check_loggers(cfg)
         return run_in_process(cfg, train_fn)
     cfg = absolute_paths(cfg)
     addr = resolve_address(address, cfg)
+    if addr is None:  # the workers run here, with this environment's packages
+        _check_loggers(cfg)
 
     import ray
 
@@ -193,11 +204,12 @@ def train(cfg: JobConfig, *, address: Optional[str] = None, workers: Optional[in
         from bst_dist.launch.local import LocalRay
 
         with LocalRay(num_cpus=local_cpus(cfg), dashboard=get_dashboard_dependency_error() is None) as head:
-            log.info("embedded Ray on %s (dashboard %s); stopped when the run ends", head.address, head.dashboard_url)
+            log.info("embedded Ray on %s (dashboard %s, files in %s); stopped when the run ends", head.address,
+                     head.dashboard_url, head.temp_dir)
             head.connect()
             try:
                 check_resources(cfg)
-                return ray_trainer.fit(cfg, train_fn)
+                return ray_trainer.fit(cfg, train_fn, extra_env=head.worker_env())
             finally:
                 ray.shutdown()
     connect(addr, cfg)

@@ -13,6 +13,11 @@ GCS, raylet, workers, dashboard, dashboard agent, runtime-env agent, client serv
 Fixed default ports (8265, 10001, 52365, 44217, 44227) are replaced by free ones so that several
 heads can coexist on one machine.
 
+Private files. Ray makes its temp dir world-writable, so the head's temp dir is a folder inside a
+0700 one of ours; the head's TPU_LOG_DIR is an empty folder there, so Ray does not link the
+machine-wide /tmp/tpu_logs into its logs and print it to the driver (`worker_env()` gives the
+workers libtpu's real one).
+
 Authentication. Ray 2.60 has token auth, but a client that names an explicit address never turns
 it on by itself. Each head gets its own random token (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN): other
 users of the machine cannot reach it even over loopback, and nothing is written to ~/.ray.
@@ -33,6 +38,7 @@ import time
 from typing import Optional
 
 LOOPBACK = "127.0.0.1"
+DEFAULT_TPU_LOG_DIR = "/tmp/tpu_logs"  # libtpu's, and what Ray links into its logs when it exists
 SINGLE_NODE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
@@ -101,7 +107,8 @@ class LocalRay:
     """Start/stop one Ray head bound to 127.0.0.1. Use as a context manager or start()/stop().
 
     address: the GCS address for `ray.init(address=...)`; dashboard_url: the job-server URL
-    (only with dashboard=True); temp_dir: Ray's session/log dir for this head.
+    (only with dashboard=True); temp_dir: Ray's session/log dir for this head (default: inside a
+    new private folder, removed by stop()).
     """
 
     def __init__(self, *, num_cpus: Optional[int] = None, dashboard: bool = False,
@@ -115,6 +122,8 @@ class LocalRay:
         self.address: Optional[str] = None
         self.dashboard_url: Optional[str] = None
         self._owns_temp = False
+        self._private: Optional[str] = None  # the 0700 folder around an owned temp_dir
+        self._tpu_log_dir = DEFAULT_TPU_LOG_DIR
         self._log = None
         self.token = secrets.token_hex(32)
 
@@ -128,10 +137,19 @@ class LocalRay:
         if self.proc is not None:
             return self
         if self.temp_dir is None:
-            # Short path: Ray's unix sockets live under it and must stay < 108 characters.
-            self.temp_dir = tempfile.mkdtemp(prefix="bst-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+            # Private: Ray makes its temp dir world-writable (chmod 0777, for machines shared by
+            # several users' Ray), so it goes inside a folder only we can enter (mkdtemp: 0700),
+            # with this head's logs, sockets and the job's files. Short path: Ray's unix sockets
+            # live under it and must stay < 108 characters.
+            self._private = tempfile.mkdtemp(prefix="bst-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+            self.temp_dir = os.path.join(self._private, "ray")
             self._owns_temp = True
         os.makedirs(self.temp_dir, exist_ok=True)
+        # Ray links $TPU_LOG_DIR (else the machine-wide /tmp/tpu_logs, libtpu's log folder, other
+        # users' runs included) into the session logs and prints every line of it to the driver.
+        # An empty folder of our own instead; the workers get the real one back (worker_env()).
+        no_tpu_logs = os.path.join(self.temp_dir, "tpu_logs")
+        os.makedirs(no_tpu_logs, exist_ok=True)
         port = free_port()
         cmd = [
             _ray_executable(), "start", "--head", "--block",
@@ -150,6 +168,8 @@ class LocalRay:
         else:
             cmd += ["--include-dashboard=false"]
         env = dict(os.environ if self.env is None else self.env)
+        self._tpu_log_dir = env.get("TPU_LOG_DIR", DEFAULT_TPU_LOG_DIR)
+        env["TPU_LOG_DIR"] = no_tpu_logs
         env.update(self.client_env())
         env["AUTOSCALER_METRIC_PORT"] = str(free_port())
         env["DASHBOARD_METRIC_PORT"] = str(free_port())
@@ -168,6 +188,11 @@ class LocalRay:
         self._wait_ready(port)
         self.address = f"{LOOPBACK}:{port}"
         return self
+
+    def worker_env(self) -> dict:
+        """Environment the job's workers need on this head: libtpu's own log folder (the head's
+        TPU_LOG_DIR is the empty one that keeps Ray from printing libtpu's logs)."""
+        return {"TPU_LOG_DIR": self._tpu_log_dir}
 
     def client_env(self) -> dict:
         """Environment a client of this head needs (merge into a subprocess's env)."""
@@ -220,6 +245,6 @@ class LocalRay:
         if self._log is not None:
             self._log.close()
             self._log = None
-        if self._owns_temp and self.temp_dir:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if self._owns_temp and self._private:
+            shutil.rmtree(self._private, ignore_errors=True)
         self.address = None

@@ -71,17 +71,19 @@ def scaling_config(r: RayConfig):
         resources_per_worker=dict(r.resources_per_worker) or None)
 
 
-def run_config(cfg: JobConfig):
+def run_config(cfg: JobConfig, extra_env: Optional[dict] = None):
+    """extra_env: what the cluster needs of every worker (LocalRay.worker_env); the YAML's wins."""
     from ray.train import FailureConfig, RunConfig
 
     r = cfg.ray
     return RunConfig(
         name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=r.storage_path,
         failure_config=FailureConfig(max_failures=r.max_failures),
-        worker_runtime_env={"env_vars": worker_env(cfg)})
+        worker_runtime_env={"env_vars": {**(extra_env or {}), **worker_env(cfg)}})
 
 
-def build_trainer(cfg: JobConfig, train_fn: Optional[Callable[..., Any]] = None, stop_signal=None):
+def build_trainer(cfg: JobConfig, train_fn: Optional[Callable[..., Any]] = None, stop_signal=None,
+                  extra_env: Optional[dict] = None):
     from ray.train.v2.jax import JaxConfig, JaxTrainer
 
     from bst_dist.launch.worker import train_worker
@@ -92,7 +94,7 @@ def build_trainer(cfg: JobConfig, train_fn: Optional[Callable[..., Any]] = None,
         train_loop_config={"job": config_lib.to_dict(cfg), "platform": platform(r), "train_fn": train_fn,
                            "stop_signal": stop_signal},
         jax_config=JaxConfig(use_gpu=r.use_gpu, use_tpu=r.use_tpu),
-        scaling_config=scaling_config(r), run_config=run_config(cfg))
+        scaling_config=scaling_config(r), run_config=run_config(cfg, extra_env))
 
 
 def _line(text: str, *, last: bool = False, limit: int = 300) -> str:
@@ -133,15 +135,19 @@ def describe_failure(err: BaseException, max_failures: int) -> str:
     return f"training failed {budget}: {_line(str(err))}"
 
 
-def fit(cfg: JobConfig, train_fn: Optional[Callable[..., Any]] = None) -> Any:
+def fit(cfg: JobConfig, train_fn: Optional[Callable[..., Any]] = None, extra_env: Optional[dict] = None) -> Any:
     """Run the job on the Ray cluster this process is connected to; rank 0's summary."""
     from ray.train import TrainingFailedError
 
+    from bst_dist.launch.quiet import drop_harmless_lines
     from bst_dist.launch.stop import driver_sigterm_sets, make_stop_signal
+    from bst_dist.launch.worker import FAILED_KEY
+    from bst_dist.train.hooks import TrainingError
     from bst_dist.train.preemption import PREEMPTED_EXIT_CODE
 
+    drop_harmless_lines()
     stop_signal = make_stop_signal()
-    trainer = build_trainer(cfg, train_fn, stop_signal)
+    trainer = build_trainer(cfg, train_fn, stop_signal, extra_env)
     with driver_sigterm_sets(stop_signal) as stopped:
         try:
             result = trainer.fit()
@@ -150,4 +156,7 @@ def fit(cfg: JobConfig, train_fn: Optional[Callable[..., Any]] = None) -> Any:
     if stopped.is_set():
         # Every worker saved and returned; the driver ends as a SIGTERMed run does.
         raise SystemExit(PREEMPTED_EXIT_CODE)
-    return result.return_value
+    value = result.return_value
+    if isinstance(value, dict) and FAILED_KEY in value:
+        raise TrainingError(value[FAILED_KEY])  # the run stopped itself; not retried (worker.py)
+    return value

@@ -13,6 +13,8 @@
          every `train.log_every` steps (it is a barrier across the workers); only rank 0's
          metrics are kept by Ray. Ray's node-drain (preemption) notice also sets the stop Event.
       4. Clean exit: jax.distributed.shutdown() (a barrier) on CPU; rank 0 returns the summary.
+         A run that stopped itself (TrainingError: the NaN stop) is a clean exit too, returning
+         {"training_error": message}: Ray Train would otherwise retry it into the same stop.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ log = logging.getLogger("bst_dist.launch")
 _STOP = threading.Event()
 _ACTIVE = threading.Event()
 _PREVIOUS: list = [None]
+
+FAILED_KEY = "training_error"  # rank 0's return value for a run that stopped itself (TrainingError)
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -227,9 +231,16 @@ def train_worker(config: dict) -> Optional[Any]:
     elif rank == 0:
         log.warning("the training function takes no `stop` event: SIGTERM cannot trigger a final checkpoint")
     kwargs["report"] = make_report(every=max(1, cfg.train.log_every), last_step=cfg.train.steps, preemption=preemption)
+    from bst_dist.train.hooks import TrainingError
+
     _ACTIVE.set()
     try:
         summary = train_fn(cfg, **kwargs)
+    except TrainingError as e:
+        # The run stopped itself (the NaN stop, with a checkpoint) on every rank at the same step:
+        # a restart would resume into the same stop. Return, so Ray Train ends the run without
+        # retrying; the driver raises it as the one-line error (ray_trainer.fit).
+        summary = {FAILED_KEY: str(e)}
     except SystemExit:
         if asked.is_set():
             # A stop, not a failure: return, so Ray Train ends the run instead of restarting it.

@@ -5,7 +5,8 @@ A hook sees the `Run` (the state, cache, step and the last step's metrics) at th
 ends (ok: it reached `train.steps`). A hook that must end the run raises: `SystemExit` for a
 requested stop, `TrainingError` for a run that cannot go on. Hooks run in list order, so the
 order below is the order of effects after a step: log and report it, checkpoint it, then decide
-whether to stop.
+whether to stop. The profiler (`Profile`) comes after every other hook, so that its trace holds
+whole steps.
 
 The hooks that need evaluation or plotting live beside those packages (`eval/hook.py`,
 `runs/plot.py`) and are added by `runs/job.py`; nothing here imports them.
@@ -83,7 +84,7 @@ class Hook:
 
 
 class Metrics(Hook):
-    """metrics.jsonl, TensorBoard and the progress line (chief), and the Ray report (all ranks)."""
+    """metrics.jsonl, TensorBoard, W&B and the progress line (chief), and the Ray report (all ranks)."""
 
     def __init__(self, report: Callable[[dict], None] | None = None):
         self.report = report
@@ -91,7 +92,8 @@ class Metrics(Hook):
     def on_start(self, run: Run) -> None:
         t = run.cfg.train
         self.logger = run.logger = MetricsLogger(t.run_dir, is_chief=run.chief, total_steps=t.steps,
-                                                 log_every=t.log_every)
+                                                 log_every=t.log_every, loggers=t.loggers, wandb=t.wandb,
+                                                 job_name=run.cfg.name, job_config=config_lib.to_dict(run.cfg))
         self.logger.truncate_after(run.step)  # a resume rewrites the steps after its checkpoint
         self.flops = train_step_flops(run.cfg.model, t.global_batch_size)
         self.peak = device_peak_flops(jax.devices()[0])
@@ -155,6 +157,43 @@ class NanGuard(Hook):
             run.save_now()
             raise TrainingError(f"{self.streak} non-finite steps in a row (train.max_nan_steps={limit}); "
                                 f"saved step {run.step}; lower the learning rate or check the data")
+
+
+class Profile(Hook):
+    """train.profile_steps [start, stop]: a JAX profiler trace of steps start+1..stop on process 0,
+    written where TensorBoard's profile plugin finds it (<run_dir>/tb/plugins/profile/<time>/).
+
+    Started after step `start` and its hooks, stopped after step `stop` and its hooks, so the
+    trace holds those steps whole (the loop marks each with a StepTraceAnnotation). Placed last
+    in the hook list for that reason. A resumed run inside the window traces what is left of it."""
+
+    def on_start(self, run: Run) -> None:
+        self.window = run.cfg.train.profile_steps if run.chief else None
+        self.active = False
+        self._maybe_start(run)
+
+    def _maybe_start(self, run: Run) -> None:
+        if self.window and not self.active and self.window[0] <= run.step < self.window[1]:
+            local_run_dir = run.logger.run_dir if run.logger is not None else run.cfg.train.run_dir
+            jax.profiler.start_trace(os.path.join(local_run_dir, "tb"))
+            self.active = True
+
+    def _stop(self, run: Run) -> None:
+        jax.block_until_ready((run.state, run.cache))  # the last step's work is in the trace
+        jax.profiler.stop_trace()
+        self.active, self.window = False, None
+        log.info("profile of steps %d..%d written under %s", *run.cfg.train.profile_steps,
+                 os.path.join(run.cfg.train.run_dir, "tb"))
+
+    def after_step(self, run: Run) -> None:
+        if self.active and run.step >= self.window[1]:
+            self._stop(run)
+        else:
+            self._maybe_start(run)
+
+    def on_end(self, run: Run, ok: bool) -> None:
+        if self.active:
+            self._stop(run)
 
 
 def standard_hooks(report=None, stop=None) -> list[Hook]:

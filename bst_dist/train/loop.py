@@ -31,7 +31,7 @@ from bst_dist import parallel, storage
 from bst_dist.config import JobConfig
 from bst_dist.errors import UserError
 from bst_dist.train.checkpoint import Checkpointer, NoReadableCheckpoint, check_compatible, check_writable
-from bst_dist.train.hooks import Hook, Run, TrainingError, standard_hooks  # noqa: F401 (TrainingError: API)
+from bst_dist.train.hooks import Hook, Profile, Run, TrainingError, standard_hooks  # noqa: F401 (TrainingError: API)
 from bst_dist.train.lock import RunLock, RunLocked
 from bst_dist.train.preemption import any_process
 from bst_dist.train.state import initial_state
@@ -69,7 +69,7 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
             run = Run(cfg, start.setup, ckpt, loader, start.state, start.cache, start.step,
                       tokens_seen=int(start.meta.get("tokens_seen", 0)), start_step=start.step)
             step_fn, shardings = make_train_step(run.setup), batch_shardings(run.setup)
-            hooks = [*standard_hooks(report, stop), *hooks]
+            hooks = [*standard_hooks(report, stop), *hooks, Profile()]  # last: it traces whole steps
             for h in hooks:
                 h.on_start(run)
             log_start(run)
@@ -78,14 +78,17 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
             ok = False
             try:
                 for _ in range(run.step, t.steps):
-                    t0 = time.perf_counter()
-                    local = next(loader)
-                    if trace is not None:
-                        trace.write(run.step, local)
-                    batch = global_batch(local, shardings)
-                    t1 = time.perf_counter()
-                    run.state, run.cache, out = step_fn(run.state, run.cache, batch)
-                    record_step(run, jax.device_get(out), data_time=t1 - t0, step_time=time.perf_counter() - t0)
+                    # named for the profiler (train.profile_steps); costs nothing when not tracing
+                    with jax.profiler.StepTraceAnnotation("train", step_num=run.step + 1):
+                        t0 = time.perf_counter()
+                        local = next(loader)
+                        if trace is not None:
+                            trace.write(run.step, local)
+                        batch = global_batch(local, shardings)
+                        t1 = time.perf_counter()
+                        run.state, run.cache, out = step_fn(run.state, run.cache, batch)
+                        record_step(run, jax.device_get(out), data_time=t1 - t0,
+                                    step_time=time.perf_counter() - t0)
                     for h in hooks:
                         h.after_step(run)
                 ok = True

@@ -1,4 +1,4 @@
-"""What a person watching a run sees: progress, JSONL, TensorBoard, MFU.
+"""What a person watching a run sees: progress, JSONL, TensorBoard, Weights & Biases, MFU.
 
 Step numbering: log the number of updates completed (1..total_steps), the same number the
 checkpoint of that state carries. Resuming from checkpoint step S, `truncate_after(S)` drops
@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
 # bf16 dense peak FLOP/s per device, by a lowercase substring of jax's `device.device_kind`.
 # Checked in order: the more specific names first.
@@ -84,11 +84,13 @@ def format_duration(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def _fields(m: dict) -> list[str]:
+def _fields(m: dict, skipped_so_far: int = 0) -> list[str]:
     out = []
-    if m.get("loss") is not None:
+    if m.get("skipped"):  # a non-finite step: no update was applied (train.max_nan_steps)
+        out.append(f"loss non-finite: step skipped ({skipped_so_far} so far)")
+    elif m.get("loss") is not None:
         out.append(f"loss {m['loss']:.3f}")
-    if m.get("ppl") is not None:
+    if m.get("ppl") is not None and not m.get("skipped"):
         out.append(f"ppl {m['ppl']:.1f}")
     if m.get("tokens_per_sec") is not None:
         out.append(f"tok/s {m['tokens_per_sec']:,.0f}")
@@ -126,16 +128,20 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
 
 
 class MetricsLogger:
-    """Per-step metrics of the chief process: metrics.jsonl, TensorBoard, progress.
+    """Per-step metrics of the chief process: metrics.jsonl, TensorBoard, W&B (train.loggers), progress.
 
     On a TTY (stderr) a tqdm bar with loss, tokens/s, MFU and ETA; otherwise a plain line every
     `log_every` steps (and at the last step), e.g.
     `step 40/300 loss 5.123 ppl 168.0 tok/s 12,345 mfu 1.2% step 0.21s data 0.001s ckpt 0.000s eta 1m02s`.
+    A skipped (non-finite) step always gets a line, `step 41/300 loss non-finite: step skipped
+    (1 so far) tok/s ...`; the bar shows the count.
     Non-chief processes do nothing (and create no files).
     """
 
     def __init__(self, run_dir: str, *, is_chief: bool, total_steps: int, log_every: int,
-                 tty: bool | None = None, stream: TextIO | None = None):
+                 tty: bool | None = None, stream: TextIO | None = None,
+                 loggers: Sequence[str] = ("jsonl", "tensorboard"), wandb: Any = None, job_name: str = "job",
+                 job_config: dict | None = None):
         self.run_dir = str(run_dir)
         self.is_chief = is_chief
         self.total_steps = int(total_steps)
@@ -147,13 +153,21 @@ class MetricsLogger:
         self._bar = None
         self._files: dict[str, TextIO] = {}
         self._t0: tuple[float, int] | None = None  # (time, step) of the first step logged
+        self._skipped = 0  # non-finite steps skipped since this process started the run
         self._mirror = None
+        self._use_tensorboard = "tensorboard" in loggers
+        self._wandb = None
         if is_chief:
             from bst_dist.storage import Mirror
 
             # On object storage the files are appended locally and synced on flush (storage/mirror.py).
-            self._mirror = Mirror(self.run_dir, pull=("metrics.jsonl", "eval.jsonl"))
+            self._mirror = Mirror(self.run_dir, pull=("metrics.jsonl", "eval.jsonl", "wandb_run_id"))
             self.run_dir = self._mirror.local
+            if "wandb" in loggers:  # opened now: a missing wandb or a refused login stops before the first step
+                from bst_dist.config import WandbConfig
+                from bst_dist.train.wandb_run import WandbRun
+
+                self._wandb = WandbRun(self.run_dir, wandb or WandbConfig(), job_name=job_name, config=job_config)
 
     @property
     def metrics_path(self) -> str:
@@ -186,7 +200,12 @@ class MetricsLogger:
         f.flush()  # a kill loses at most this line
         self._mirror.sync(force=False)
 
-    def _tensorboard(self, prefix: str, step: int, record: dict) -> None:
+    def _scalars(self, prefix: str, step: int, record: dict) -> None:
+        """The numeric values of `record` to TensorBoard and W&B, as `prefix/key` at `step`."""
+        if self._wandb is not None:
+            self._wandb.log(prefix, step, record)
+        if not self._use_tensorboard:
+            return
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
@@ -204,7 +223,7 @@ class MetricsLogger:
             m["ppl"] = _scalar(math.exp(min(m["loss"], 700.0)))
         record = {"step": int(step), **m}
         self._append(self.metrics_path, record)
-        self._tensorboard("train", step, record)
+        self._scalars("train", step, record)
         self._progress(int(step), m)
 
     def log_eval(self, step: int, metrics: dict) -> None:
@@ -213,7 +232,7 @@ class MetricsLogger:
             return
         record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
         self._append(self.eval_path, record)
-        self._tensorboard("eval", step, record)
+        self._scalars("eval", step, record)
         if not self._tty:
             self._print(f"eval step {step} " + " ".join(
                 f"{k} {v:.4g}" for k, v in record.items() if k != "step" and isinstance(v, (int, float))))
@@ -233,18 +252,22 @@ class MetricsLogger:
 
     def _progress(self, step: int, m: dict) -> None:
         eta = self._eta(step)
+        self._skipped += bool(m.get("skipped"))
+        fields = _fields(m, self._skipped)
         if self._tty:
             if self._bar is None:
                 from tqdm import tqdm
 
                 self._bar = tqdm(total=self.total_steps, initial=max(step - 1, 0), unit="step",
                                  dynamic_ncols=True, file=self._stream or sys.stderr)
-            self._bar.set_postfix_str(" ".join(_fields(m)[:4]), refresh=False)
+            shown = fields[:4] if not self._skipped or m.get("skipped") else [*fields[:3], f"skipped {self._skipped}"]
+            self._bar.set_postfix_str(" ".join(shown), refresh=False)
             self._bar.update(step - self._bar.n)
             return
-        if step % self.log_every == 0 or step >= self.total_steps:
+        # a skipped step always gets its line: between two log_every lines it would go unseen
+        if step % self.log_every == 0 or step >= self.total_steps or m.get("skipped"):
             eta_text = f" eta {format_duration(eta)}" if eta is not None else ""
-            self._print(" ".join([f"step {step}/{self.total_steps}", *_fields(m)]) + eta_text)
+            self._print(" ".join([f"step {step}/{self.total_steps}", *fields]) + eta_text)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -253,6 +276,9 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
         for f in self._files.values():
             f.close()
         self._files.clear()
