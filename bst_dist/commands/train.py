@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(summary, dict):
         losses = summary.get("losses") or []
         last = f", last loss {losses[-1]:.4f}" if losses else ""
-        print(f"bst-dist train: {cfg.name} done at step {summary.get('final_step')}{last}; "
-              f"run dir {summary.get('run_dir')}")
+        if summary.get("already_complete"):
+            print(f"bst-dist train: {cfg.name} was already complete at step {summary.get('final_step')}: "
+                  f"nothing to train; run dir {summary.get('run_dir')}")
+        else:
+            print(f"bst-dist train: {cfg.name} done at step {summary.get('final_step')}{last}; "
+                  f"run dir {summary.get('run_dir')}")
     return 0

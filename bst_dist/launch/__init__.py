@@ -182,10 +182,10 @@ def train(cfg: JobConfig, *, address: Optional[str] = None, workers: Optional[in
 
     # Which checkout runs: a submitted job's working_dir copy shadows an installed bst_dist.
     log.info("bst_dist %s from %s", bst_dist.__version__, os.path.dirname(os.path.dirname(bst_dist.__file__)))
+    cfg = absolute_paths(cfg)  # --no-ray too: Orbax refuses a relative checkpoint path
     if no_ray:
         _check_loggers(cfg)
         return run_in_process(cfg, train_fn)
-    cfg = absolute_paths(cfg)
     addr = resolve_address(address, cfg)
     if addr is None:  # the workers run here, with this environment's packages
         _check_loggers(cfg)

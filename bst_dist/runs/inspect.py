@@ -23,6 +23,7 @@ def _read_json(path: str):
 def _arrays(item_dir: str) -> list[dict]:
     """(path, global shape, partition spec, mesh shape) of every array of an Orbax StandardSave
     item, from its metadata alone (no array is read)."""
+    item_dir = os.path.abspath(item_dir)  # Orbax reads absolute paths only (a relative one read as empty)
     if not os.path.exists(os.path.join(item_dir, "_METADATA")):
         return []
     import jax

@@ -54,6 +54,7 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
     check_batch(cfg, mesh)
     t = cfg.train
     with hold_run_dir(cfg), open_checkpointer(cfg) as ckpt:
+        check_steps(cfg, ckpt)
         if jax.process_index() == 0:
             write_job(cfg)  # only now: a refused rerun must not overwrite the job.yaml of its checkpoints
         # Lane b is global row b: each process loads the rows its devices hold (interleaved on
@@ -111,6 +112,16 @@ def record_step(run: Run, out: dict, *, data_time: float, step_time: float) -> N
                   "ckpt_time": run.ckpt_time, "tokens_seen": run.tokens_seen, "skipped": int(out["skipped"])}
 
 
+def check_steps(cfg: JobConfig, ckpt: Checkpointer) -> None:
+    """A job whose train.steps is below its newest checkpoint would train nothing and report the
+    run done at a step it is not at: refused, before job.yaml is touched."""
+    latest = ckpt.latest_step()
+    if latest is not None and latest > cfg.train.steps:
+        raise UserError(f"train.steps {cfg.train.steps} is below the run's newest checkpoint, step {latest} "
+                        f"({ckpt.directory}): set train.steps >= {latest} to continue the run, or choose another "
+                        "train.run_dir for a new one")
+
+
 def check_batch(cfg: JobConfig, mesh) -> None:
     """Refuse, before any compilation, a batch (or heads) the mesh or the processes cannot split."""
     parallel.check_fits(cfg, dict(mesh.shape), jax.process_count())
@@ -139,7 +150,8 @@ def hold_run_dir(cfg: JobConfig):
 
 
 def checkpoint_dir(cfg: JobConfig) -> str:
-    return cfg.checkpoint.dir or storage.join(cfg.train.run_dir, "checkpoints")
+    d = cfg.checkpoint.dir or storage.join(cfg.train.run_dir, "checkpoints")
+    return d if storage.is_url(d) else os.path.abspath(d)  # Orbax takes absolute paths only
 
 
 def open_checkpointer(cfg: JobConfig) -> Checkpointer:
@@ -193,8 +205,13 @@ def finish(run: Run) -> dict:
                "run_dir": run.cfg.train.run_dir, "tokens_seen": run.tokens_seen,
                "params_digest": tree_digest(run.state["params"]),
                "opt_state_digest": tree_digest(run.state["opt_state"]), "cache_digest": tree_digest(run.cache)}
-    if run.chief:
-        storage.write_text(storage.join(run.cfg.train.run_dir, "summary.json"), json.dumps(summary, indent=1))
+    path = storage.join(run.cfg.train.run_dir, "summary.json")
+    if run.step == run.start_step and run.step > 0 and storage.exists(path):
+        # A rerun of a complete run trains nothing: it keeps the record of the run that did.
+        log.info("%s is complete at step %d: nothing to train; %s kept", run.cfg.name, run.step, path)
+        summary["already_complete"] = True
+    elif run.chief:
+        storage.write_text(path, json.dumps(summary, indent=1))
     return summary
 
 
