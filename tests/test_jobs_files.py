@@ -140,3 +140,11 @@ def test_tpu_variant_is_the_same_job_placed_elsewhere(base):
     a, b = config.to_dict(config.load(base)), config.to_dict(config.load(tpu))
     assert _without_placement(a) == _without_placement(b)
     assert a["train"]["run_dir"] != b["train"]["run_dir"] and a["data"]["path"] != b["data"]["path"]
+
+
+def test_default_job_survives_a_killed_worker():
+    """The README's default job restarts its worker group from the newest checkpoint (Ray Train's
+    FailureConfig; tests/test_launch_ray.py kills a real worker under the same setting); the
+    bounded NaN stop is exempt from retries (tests/test_launch_quiet.py)."""
+    cfg = config.load(os.path.join(REPO, "jobs", "local_tiny.yaml"))
+    assert cfg.ray.max_failures > 0 and cfg.checkpoint.every > 0
