@@ -13,6 +13,7 @@ Both compute on the training mesh and reduce on device, so several processes can
 
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
@@ -23,6 +24,8 @@ from flax import nnx
 from bst_dist.models import Cache
 from bst_dist.train.batch import Batch
 from bst_dist.train.state import Setup
+
+log = logging.getLogger("bst_dist.eval")
 
 BUCKET_EDGES = (4096, 16384, 65536)
 BUCKET_NAMES = ("0-4k", "4k-16k", "16k-65k", "65k+")
@@ -86,6 +89,8 @@ class StreamEvaluator:
                 cache, n, t = self._step(params, cache, batch, g(bucket, self.row2))
                 nats += np.asarray(jax.device_get(n))
                 toks += np.asarray(jax.device_get(t))
+                if (i + 1) % 100 == 0:
+                    log.info("streamed: %d batches, %d tokens", i + 1, int(toks.sum()))
         finally:
             loader.close()
         out = {"eval_loss": float(nats.sum() / max(toks.sum(), 1)), "eval_ppl": _ppl(nats.sum(), toks.sum()),

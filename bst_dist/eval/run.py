@@ -5,12 +5,16 @@ built), then both evaluation modes run on the job's mesh."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 
 from bst_dist import config as config_lib
 from bst_dist import parallel
 from bst_dist.errors import UserError
 from bst_dist.runs.files import load_run_config
+
+log = logging.getLogger("bst_dist.eval")
 
 
 def _export_job(export_dir: str, job: str | None, overrides: list[str] | None) -> config_lib.JobConfig:
@@ -49,11 +53,20 @@ def evaluate_run(run_dir: str, *, split: str = "validation", lengths: list[int] 
         with open_checkpointer(cfg) as ckpt:
             start = initial_state(cfg, mesh, ckpt, optimizer=False, step=step)
         setup, params, at_step = start.setup, start.state["params"], start.step
+    log.info("evaluating step %s on the %s split: streamed (%s batches), then at lengths %s", at_step, split,
+             max_batches or "all", list(lengths) or "none")
+    t0 = time.perf_counter()
     result = {"run_dir": run_dir, "step": at_step, "split": split,
               "streamed": StreamEvaluator(setup, split=split, max_batches=max_batches).run(params)}
+    log.info("streamed: ppl %.3f over %d tokens (%.0f s)", result["streamed"]["eval_ppl"],
+             result["streamed"]["eval_tokens"], time.perf_counter() - t0)
     window = max(lengths, default=0)  # every T scores the same windows of this many tokens
-    result["at_length"] = [eval_at_length(setup, params, T, split=split, window=window, max_windows=max_windows,
-                                          max_docs=max_docs) for T in lengths]
+    result["at_length"] = []
+    for T in lengths:
+        t0 = time.perf_counter()
+        r = eval_at_length(setup, params, T, split=split, window=window, max_windows=max_windows, max_docs=max_docs)
+        log.info("T=%d: ppl %.3f over %d tokens (%.0f s)", T, r["ppl"], r["tokens"], time.perf_counter() - t0)
+        result["at_length"].append(r)
     with open(os.path.join(run_dir, f"eval_{split}_step{at_step}.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
