@@ -139,6 +139,9 @@ class TrainConfig:
     # start from these parameters (a run directory, a checkpoint step directory or a `bst-dist
     # export`) with a fresh optimizer; ignored once the run has a checkpoint of its own
     init_from: Optional[str] = None
+    # JAX's persistent compilation cache (train/compile_cache.py): a folder (local or gs://);
+    # None: $BST_DIST_CACHE/jax, else ~/.cache/bst_dist/jax; "": off
+    compile_cache: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from bst_dist import config as config_lib
 from bst_dist import parallel, storage
 from bst_dist.config import JobConfig
 from bst_dist.errors import UserError
+from bst_dist.train import compile_cache
 from bst_dist.train.checkpoint import Checkpointer, NoReadableCheckpoint, check_compatible, check_writable
 from bst_dist.train.hooks import Hook, Run, TrainingError, standard_hooks  # noqa: F401 (TrainingError: API)
 from bst_dist.train.lock import RunLock, RunLocked
@@ -50,6 +51,7 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
     hooks: more hooks after the standard ones (evaluation and plots: see runs/job.py)."""
     from data_pipelines import make_loader
 
+    compile_cache.enable(cfg.train.compile_cache)  # before the first compile (a collective compiles too)
     mesh = parallel.make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
     t = cfg.train
