@@ -15,7 +15,8 @@ One step directory holds four items:
 Orbax writes a step into a temporary directory and renames it when every item is complete, so a
 half-written step (a kill during an async save) is never listed, never restored, and cleaned up
 on the next start. Once a step is complete the primary process writes `integrity.json`, the
-size and sha256 of every file of the step (bst_dist.train.integrity), as its last file. A
+size and sha256 of every file of the step (bst_dist.train.integrity), as its last file, on a
+thread of its own while training goes on (the step counts as verified once it is written). A
 restore checks the step against it first, so a damaged step (flipped bytes, a truncated copy, a
 deleted item, a save killed before its manifest) is never restored: `restore(step=None)` logs
 one line, "checkpoint step N is unreadable (<cause>); falling back to step M", and tries the
@@ -193,6 +194,16 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _from_primary(code: int) -> int:
+    """Process 0's `code`, on every process (a collective with several processes)."""
+    if jax.process_count() == 1:
+        return code
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.asarray(code, dtype=np.int32)))
+
+
 def _has_leaves(tree: Any) -> bool:
     return bool(jax.tree_util.tree_leaves(tree))
 
@@ -290,8 +301,9 @@ class Checkpointer:
     (0: none) plus the newest verified step. With `async_save`, `save` returns once device
     arrays are copied to host and the data position is captured; files are written in the
     background (so the caller may donate or overwrite the arrays and advance the iterator right
-    away). Each later `save` call checks whether that write finished (then hashes it, or raises
-    CheckpointWriteError if it failed); the next saving `save`, `wait` or `close` waits for it.
+    away). Each later `save` call checks whether that write finished (then starts hashing it on a
+    thread, or raises CheckpointWriteError if it failed) and whether the hash is written; the
+    next saving `save`, `wait` or `close` waits for both.
     `log_file`: where Orbax's and Grain's own messages go while this is open (default:
     `library.log` in a local checkpoint directory; dropped for object storage).
     """
@@ -303,7 +315,8 @@ class Checkpointer:
         self.directory = str(directory)
         self.every = every
         self.last_verified_step: int | None = None
-        self._pending: int | None = None  # a saved step whose write (or manifest) is not done
+        self._pending: int | None = None  # a saved step whose write is not done
+        self._hashing: tuple | None = None  # (step, thread, errors): its manifest being written
         self._failed = False  # a save failed: Orbax's leftovers stay off the console (see above)
         self._primary = jax.process_index() == 0
         local = "://" not in self.directory
@@ -361,9 +374,16 @@ class Checkpointer:
         return CheckpointWriteError(f"{what} ({_cause(e)}); {self._last_good()}")
 
     def _finish_pending(self) -> None:
-        """Wait for the in-flight save, then hash it. Raises CheckpointWriteError if it failed,
-        on every process at once (a collective: a process whose own write succeeded must not go
-        on to the next step's collectives alone and hang there)."""
+        """Wait for the in-flight save and its manifest (see `_finish_write`, `_finish_manifest`)."""
+        if self._pending is not None:
+            self._finish_write()
+        self._finish_manifest(block=True)
+
+    def _finish_write(self) -> None:
+        """Wait for the in-flight save, then start hashing it (process 0, on a thread: hashing a
+        large state takes seconds the loop need not wait for). Raises CheckpointWriteError if it
+        failed, on every process at once (a collective: a process whose own write succeeded must
+        not go on to the next step's collectives alone and hang there)."""
         step, self._pending = self._pending, None
         error = None
         try:
@@ -376,21 +396,49 @@ class Checkpointer:
                                     error or RuntimeError("another process could not write its part")) from None
         if step is None:
             return
+        errors: list[BaseException] = []
+        thread = None
         if self._primary:
-            try:
-                integrity.write_manifest(self.step_dir(step))
-            except OSError as e:
-                error = e
-        if any_process(error is not None):
+            def write():
+                try:
+                    integrity.write_manifest(self.step_dir(step))
+                except BaseException as e:  # noqa: BLE001 - reported by _finish_manifest
+                    errors.append(e)
+
+            thread = threading.Thread(target=write, name=f"bst-dist-manifest-{step}", daemon=True)
+            thread.start()
+        self._hashing = (step, thread, errors)
+
+    def _finish_manifest(self, *, block: bool) -> bool:
+        """The manifest of the last written step: done (then that step is the last verified one),
+        failed (CheckpointWriteError on every process), or, with block=False, still being written
+        (returns False). Every process learns process 0's answer (a collective)."""
+        if self._hashing is None:
+            return True
+        step, thread, errors = self._hashing
+        if block and thread is not None:
+            thread.join()
+        code = 1 if thread is not None and thread.is_alive() else 2 if errors else 0
+        code = _from_primary(code)
+        if code == 1:
+            return False
+        self._hashing = None
+        if code == 2:
+            error = errors[0] if errors else RuntimeError("process 0 failed")
             raise self._write_error(f"checkpoint step {step}: its integrity manifest could not be written "
-                                    f"to {self.directory}", error or RuntimeError("process 0 failed")) from None
+                                    f"to {self.directory}", error) from None
         self.last_verified_step = step
+        return True
 
     def _poll(self) -> None:
-        """Called every step: once the in-flight save is done on every process, hash it (or
-        report its failure). One allgather per step while a save is in flight."""
-        if self._pending is not None and not any_process(self._mngr.is_saving_in_progress()):
-            self._finish_pending()
+        """Called every step: once the in-flight save is done on every process, start hashing it
+        (or report its failure); once the hash is written, that step is verified. One collective
+        per step while a save or its hash is in flight."""
+        if self._pending is not None:
+            if any_process(self._mngr.is_saving_in_progress()):
+                return
+            self._finish_write()
+        self._finish_manifest(block=False)
 
     # ---------------------------------------------------------------------------------------
     # Save
@@ -406,8 +454,7 @@ class Checkpointer:
         self._poll()
         if not (force or self.should_save(step)):
             return False
-        if self._pending is not None:
-            self._finish_pending()
+        self._finish_pending()
         if step in self._mngr.all_steps():
             if step in self._known:
                 return False  # e.g. the final save right after the periodic one
@@ -594,11 +641,11 @@ class Checkpointer:
                 self._mngr.wait_until_finished()
             except Exception as e:  # noqa: BLE001
                 raise self._write_error(f"a checkpoint save to {self.directory} failed", e) from None
+            self._finish_manifest(block=True)
 
     def close(self) -> None:
         try:
-            if self._pending is not None:
-                self._finish_pending()
+            self._finish_pending()
         finally:
             try:
                 self._mngr.close()

@@ -4,8 +4,8 @@ A hook sees the `Run` (the state, cache, step and the last step's metrics) at th
 `on_start` once the state exists, `after_step` after every step, `on_end(ok)` when the loop
 ends (ok: it reached `train.steps`). A hook that must end the run raises: `SystemExit` for a
 requested stop, `TrainingError` for a run that cannot go on. Hooks run in list order, so the
-order below is the order of effects after a step: log and report it, checkpoint it, then decide
-whether to stop.
+order below is the order of effects after a step: checkpoint it (timing the loop's stall), log
+and report it, then decide whether to stop.
 
 The hooks that need evaluation or plotting live beside those packages (`eval/hook.py`,
 `runs/plot.py`) and are added by `runs/job.py`; nothing here imports them.
@@ -53,9 +53,9 @@ class Run:
     start_step: int = 0
     record: dict = field(default_factory=dict)
     losses: list = field(default_factory=list)
-    ckpt_time: float = 0.0
     logger: Any = None  # the MetricsLogger (set by the Metrics hook): other hooks log through it
-    started_at: float = field(default_factory=time.time)
+    started_at: float = field(default_factory=time.time)  # when train() began (time.time())
+    state_time: float = 0.0  # seconds to create or restore the state
 
     @property
     def chief(self) -> bool:
@@ -100,20 +100,28 @@ class Metrics(Hook):
         r = run.record
         r["mfu"] = mfu(self.flops, r["step_time"] - r["data_time"], jax.device_count(), self.peak)
         self.logger.log(run.step, r)
+        self.logged = run.step
         if self.report is not None:
             self.report({"step": run.step, **r})
 
     def on_end(self, run: Run, ok: bool) -> None:
+        if run.record and getattr(self, "logged", run.start_step) < run.step:
+            self.logger.log(run.step, run.record)  # the step an earlier hook ended the run at (a failed save)
         self.logger.close()
 
 
 class Checkpoints(Hook):
-    """Saves every `checkpoint.every` steps and at the last; `ckpt_time` is the loop's stall."""
+    """Saves every `checkpoint.every` steps and at the last. The step's `ckpt_time` is the wall
+    time the loop spends in checkpoint work: on a save step the copy of the state to the host and
+    the wait for the previous save, on the others the check of a save in flight."""
 
     def after_step(self, run: Run) -> None:
+        last = run.step == run.cfg.train.steps
+        if last or run.ckpt.should_save(run.step):
+            jax.block_until_ready((run.state, run.cache))  # the device finishing the step is step time
         t0 = time.perf_counter()
-        run.save(force=run.step == run.cfg.train.steps)
-        run.ckpt_time = time.perf_counter() - t0  # logged with the next step, as that step's stall
+        run.save(force=last)
+        run.record["ckpt_time"] = time.perf_counter() - t0
 
     def on_end(self, run: Run, ok: bool) -> None:
         if ok:
@@ -158,4 +166,4 @@ class NanGuard(Hook):
 
 
 def standard_hooks(report=None, stop=None) -> list[Hook]:
-    return [Metrics(report), Checkpoints(), StopOnRequest(stop), NanGuard()]
+    return [Checkpoints(), Metrics(report), StopOnRequest(stop), NanGuard()]

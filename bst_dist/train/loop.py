@@ -51,6 +51,7 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
     hooks: more hooks after the standard ones (evaluation and plots: see runs/job.py)."""
     from data_pipelines import make_loader
 
+    started_at = time.time()
     compile_cache.enable(cfg.train.compile_cache)  # before the first compile (a collective compiles too)
     mesh = parallel.make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
@@ -67,9 +68,12 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
                              split="train", seed=t.seed, lanes=assignment[str(jax.process_index())],
                              assignment=assignment)
         with contextlib.closing(loader):
+            t0 = time.time()
             start = initial_state(cfg, mesh, ckpt, data_iter=loader)
+            jax.block_until_ready((start.state, start.cache))
             run = Run(cfg, start.setup, ckpt, loader, start.state, start.cache, start.step,
-                      tokens_seen=int(start.meta.get("tokens_seen", 0)), start_step=start.step)
+                      tokens_seen=int(start.meta.get("tokens_seen", 0)), start_step=start.step,
+                      started_at=started_at, state_time=time.time() - t0)
             step_fn, shardings = make_train_step(run.setup), batch_shardings(run.setup)
             hooks = [*standard_hooks(report, stop), *hooks]
             for h in hooks:
@@ -90,6 +94,8 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
                     record_step(run, jax.device_get(out), data_time=t1 - t0, step_time=time.perf_counter() - t0)
                     for h in hooks:
                         h.after_step(run)
+                    if run.step == run.start_step + 1 and run.chief:
+                        log.info("first step done %.1fs after start", time.time() - run.started_at)
                 ok = True
             finally:
                 if trace is not None:
@@ -107,7 +113,7 @@ def record_step(run: Run, out: dict, *, data_time: float, step_time: float) -> N
     run.losses.append(loss)
     run.record = {"loss": loss, "ppl": float(np.exp(min(loss, 50.0))), "grad_norm": float(out["grad_norm"]),
                   "tokens_per_sec": B * L / step_time, "step_time": step_time, "data_time": data_time,
-                  "ckpt_time": run.ckpt_time, "tokens_seen": run.tokens_seen, "skipped": int(out["skipped"])}
+                  "ckpt_time": 0.0, "tokens_seen": run.tokens_seen, "skipped": int(out["skipped"])}
 
 
 def check_batch(cfg: JobConfig, mesh) -> None:
@@ -181,9 +187,9 @@ def log_start(run: Run) -> None:
     if run.start_step:
         log.info("resumed from %s step %d", run.ckpt.directory, run.start_step)
     if run.chief:
-        log.info("training %s: %d devices, mesh %s, steps %d..%d, %.1fs to first step", run.cfg.name,
-                 jax.device_count(), dict(run.setup.mesh.shape), run.step, run.cfg.train.steps,
-                 time.time() - run.started_at)
+        log.info("training %s: %d devices, mesh %s, steps %d..%d, state %s in %.1fs, %.1fs since start",
+                 run.cfg.name, jax.device_count(), dict(run.setup.mesh.shape), run.step, run.cfg.train.steps,
+                 "restored" if run.start_step else "created", run.state_time, time.time() - run.started_at)
 
 
 def finish(run: Run) -> dict:
