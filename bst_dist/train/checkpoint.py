@@ -304,16 +304,18 @@ class Checkpointer:
     away). Each later `save` call checks whether that write finished (then starts hashing it on a
     thread, or raises CheckpointWriteError if it failed) and whether the hash is written; the
     next saving `save`, `wait` or `close` waits for both.
+    `poll_every`: check a save in flight at steps that are multiples of it (see `_poll`).
     `log_file`: where Orbax's and Grain's own messages go while this is open (default:
     `library.log` in a local checkpoint directory; dropped for object storage).
     """
 
     def __init__(self, directory: str, *, every: int, keep_last: int, keep_every: int = 0,
-                 async_save: bool = True, log_file: str | None = None):
+                 async_save: bool = True, log_file: str | None = None, poll_every: int = 1):
         if every <= 0 or keep_last <= 0:
             raise ValueError(f"checkpoint: every ({every}) and keep_last ({keep_last}) must be > 0")
         self.directory = str(directory)
         self.every = every
+        self.poll_every = max(int(poll_every), 1)
         self.last_verified_step: int | None = None
         self._pending: int | None = None  # a saved step whose write is not done
         self._hashing: tuple | None = None  # (step, thread, errors): its manifest being written
@@ -430,10 +432,13 @@ class Checkpointer:
         self.last_verified_step = step
         return True
 
-    def _poll(self) -> None:
-        """Called every step: once the in-flight save is done on every process, start hashing it
-        (or report its failure); once the hash is written, that step is verified. One collective
-        per step while a save or its hash is in flight."""
+    def _poll(self, step: int) -> None:
+        """Called every step; every `poll_every` steps (the loop: train.log_every, when it reads
+        the metrics anyway): once the in-flight save is done on every process, start hashing it
+        (or report its failure); once the hash is written, that step is verified. A collective
+        (with several processes) at those steps only, while a save or its hash is in flight."""
+        if step % self.poll_every:
+            return
         if self._pending is not None:
             if any_process(self._mngr.is_saving_in_progress()):
                 return
@@ -451,7 +456,7 @@ class Checkpointer:
         DatasetIterator (or anything with get_state() -> bytes / set_state(bytes)).
         Called every step: it also reports (CheckpointWriteError) a background save that failed.
         """
-        self._poll()
+        self._poll(step)
         if not (force or self.should_save(step)):
             return False
         self._finish_pending()

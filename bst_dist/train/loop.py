@@ -45,7 +45,8 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
           hooks: Sequence[Hook] = ()) -> dict:
     """Train (or resume) the job in this process; returns the run's summary on every process.
 
-    report: called after every step on every process with its metrics (Ray's report hook).
+    report: called for every step on every process with its metrics (Ray's report hook), at the
+    log steps, when the loop reads the steps' metrics from the device.
     stop: set by another thread to ask for a checkpoint and exit, like SIGTERM (Ray workers run
     this function on a thread that cannot install signal handlers).
     hooks: more hooks after the standard ones (evaluation and plots: see runs/job.py)."""
@@ -79,6 +80,7 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
             for h in hooks:
                 h.on_start(run)
             log_start(run)
+            run.fetched_at = time.perf_counter()
             # the rows this process's data lands on (what make_array_from_process_local_data does)
             trace = parallel.LaneTrace.from_env(parallel.process_lanes(shardings["inputs"], t.global_batch_size))
             ok = False
@@ -89,9 +91,9 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
                     if trace is not None:
                         trace.write(run.step, local)
                     batch = global_batch(local, shardings)
-                    t1 = time.perf_counter()
+                    data_time = time.perf_counter() - t0
                     run.state, run.cache, out = step_fn(run.state, run.cache, batch)
-                    record_step(run, jax.device_get(out), data_time=t1 - t0, step_time=time.perf_counter() - t0)
+                    run.advance(out, data_time=data_time)  # no wait for the device (Run.fetch)
                     for h in hooks:
                         h.after_step(run)
                     if run.step == run.start_step + 1 and run.chief:
@@ -103,17 +105,6 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
                 for h in reversed(hooks):
                     h.on_end(run, ok)
     return finish(run)
-
-
-def record_step(run: Run, out: dict, *, data_time: float, step_time: float) -> None:
-    B, L = run.cfg.train.global_batch_size, run.cfg.model.seq_len
-    run.step += 1
-    run.tokens_seen += B * L
-    loss = float(out["loss"])
-    run.losses.append(loss)
-    run.record = {"loss": loss, "ppl": float(np.exp(min(loss, 50.0))), "grad_norm": float(out["grad_norm"]),
-                  "tokens_per_sec": B * L / step_time, "step_time": step_time, "data_time": data_time,
-                  "ckpt_time": 0.0, "tokens_seen": run.tokens_seen, "skipped": int(out["skipped"])}
 
 
 def check_batch(cfg: JobConfig, mesh) -> None:
@@ -157,7 +148,7 @@ def open_checkpointer(cfg: JobConfig) -> Checkpointer:
     storage.check_bucket(checkpoint_dir(cfg), "checkpoint.dir" if c.dir else "train.run_dir")
     check_writable(checkpoint_dir(cfg))  # before Orbax's manager: its threads outlive a refused start
     ckpt = Checkpointer(checkpoint_dir(cfg), every=c.every, keep_last=c.keep_last, keep_every=c.keep_every,
-                        async_save=c.async_save)
+                        async_save=c.async_save, poll_every=cfg.train.log_every)
     try:
         latest = ckpt.latest_step()
         if latest is not None:
