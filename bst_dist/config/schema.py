@@ -157,6 +157,9 @@ class TrainConfig:
     # [start, stop]: a JAX profiler trace of steps start+1..stop (process 0) under <run_dir>/tb,
     # for TensorBoard's profile plugin; start 0 includes the first step's compilation
     profile_steps: Optional[tuple[int, int]] = None
+    # JAX's persistent compilation cache (train/compile_cache.py): a folder (local or gs://);
+    # None: $BST_DIST_CACHE/jax, else ~/.cache/bst_dist/jax; "": off
+    compile_cache: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,11 @@ def _train(cfg: JobConfig) -> None:
                               "steps start+1..stop)")
         if stop > t.steps:
             raise ConfigError(f"train.profile_steps: stop {stop} is past train.steps={t.steps}")
+    cc = t.compile_cache
+    if cc is not None and cc != "" and not cc.strip():
+        raise ConfigError('train.compile_cache: blank; give a folder, "" to turn the cache off, or leave it out')
+    if cc and "://" in cc and not cc.startswith("gs://"):
+        raise ConfigError(f"train.compile_cache: {cc!r}: a local folder or gs://bucket/prefix")
     o = t.optimizer
     _positive("train.optimizer.lr", o.lr)
     _fraction("train.optimizer.min_lr_ratio", o.min_lr_ratio, one=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from bst_dist.eval.evaluators import StreamEvaluator
 from bst_dist.train.hooks import Hook, Run
 
@@ -14,4 +16,6 @@ class Evaluate(Hook):
 
     def after_step(self, run: Run) -> None:
         if self.evaluator is not None and run.step % run.cfg.train.eval_every == 0:
+            t0 = time.perf_counter()
             run.logger.log_eval(run.step, self.evaluator.run(run.state["params"]))
+            run.exclude(time.perf_counter() - t0)  # not step time

@@ -15,16 +15,17 @@ One step directory holds four items:
 Orbax writes a step into a temporary directory and renames it when every item is complete, so a
 half-written step (a kill during an async save) is never listed, never restored, and cleaned up
 on the next start. Once a step is complete the primary process writes `integrity.json`, the
-size and sha256 of every file of the step (bst_dist.train.integrity), as its last file. A
+size and sha256 of every file of the step (bst_dist.train.integrity), as its last file, on a
+thread of its own while training goes on (the step counts as verified once it is written). A
 restore checks the step against it first, so a damaged step (flipped bytes, a truncated copy, a
 deleted item, a save killed before its manifest) is never restored: `restore(step=None)` logs
 one line, "checkpoint step N is unreadable (<cause>); falling back to step M", and tries the
 previous one. Retention never deletes the newest verified step (written and hashed by this run,
 or restored and checked), whatever `keep_last` says.
 
-Format versions (meta "format_version"): 1, written before integrity manifests (its meta has
-"schema_version": 1), restores unverified with one warning and is replaced by format 2 at the
-next save; 2, the current one. A newer version than this code knows is refused in one line.
+This file saves and lists; the restore side (the manifest of a written step, the check of a
+step against it, the fallback, format versions and compatibility) is `train/restore.py`, the
+base class of `Checkpointer`.
 
 A save that fails (a full disk, a location that became unwritable) raises CheckpointWriteError
 at the first `save` call after it failed (the loop calls `save` every step), naming the last
@@ -50,45 +51,24 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec
 
 import bst_dist
 from bst_dist.errors import UserError
-from bst_dist.train import integrity
 from bst_dist.train.preemption import any_process
-from data_pipelines.checkpoint import LaneRestore, LaneSave
+# the restore side, and the names callers import from here
+from bst_dist.train.restore import (FORMAT_VERSION, IncompatibleCheckpoint, NoReadableCheckpoint,  # noqa: F401
+                                    Restorer, _first_line, _has_leaves, abstract_tree, check_compatible,
+                                    format_version)
+from data_pipelines.checkpoint import LaneSave
 
 log = logging.getLogger(__name__)
 
-# Bump when the layout of `state`, `cache`, `data` or `meta` changes; say in `_migrate` how an
-# older step is read (or refused with the way to convert it).
-FORMAT_VERSION = 2
-
-# Model keys that may change between a checkpoint and the job that resumes it: they change
-# neither a parameter shape nor the cache layout.
-# keys that change numerics or kernels but no parameter or cache shape: a resume may change them
-_FREE_MODEL_KEYS = frozenset({"dtype", "dropout", "attn_dropout", "mask", "attention_impl"})
-
 _ITEMS = ("state", "cache", "data", "meta")
-
-
-class IncompatibleCheckpoint(UserError, ValueError):
-    """A checkpoint whose model shape, L, W or global batch differ from the job's."""
-
-
-class NoReadableCheckpoint(UserError, RuntimeError):
-    """Every candidate checkpoint failed to restore."""
 
 
 class CheckpointWriteError(UserError, RuntimeError):
     """The checkpoint location cannot be written, or a save failed; one line naming the last
     good step. The run must stop: going on would train steps that are never saved."""
-
-
-def format_version(meta: dict) -> int:
-    """The checkpoint format of a step's meta: steps written before format versions carry
-    "schema_version": 1 and no integrity manifest (format 1)."""
-    return int(meta.get("format_version", 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,70 +168,6 @@ class _KeepLastVerified:
         return [c.step == self.owner.last_verified_step for c in checkpoints]
 
 
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _has_leaves(tree: Any) -> bool:
-    return bool(jax.tree_util.tree_leaves(tree))
-
-
-def abstract_tree(tree: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
-    """ShapeDtypeStructs with shardings for `restore`, from arrays or abstract values.
-
-    With `mesh`, every NamedSharding is rebuilt on it with the same PartitionSpec (this maps the
-    AbstractMesh shardings of `nnx.eval_shape`, which Orbax rejects, and moves a tree onto another
-    mesh); leaves without a NamedSharding are replicated on `mesh`.
-    """
-
-    def one(x):
-        sharding = getattr(x, "sharding", None)
-        if mesh is not None:
-            spec = sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
-            sharding = NamedSharding(mesh, spec)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
-    return jax.tree.map(one, tree)
-
-
-def _flatten(d: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}"))
-        return out
-    if isinstance(d, tuple):
-        d = list(d)
-    return {prefix: d}
-
-
-def check_compatible(meta: dict, job_cfg_dict: dict, *, source: str | None = None) -> None:
-    """Refuse a checkpoint the job cannot continue from.
-
-    Compares the model section (every key except dtype, dropout, attn_dropout and mask: these
-    change no shape), which includes L (`model.seq_len`) and W (`model.block_len`), and
-    `train.global_batch_size` (one lane per batch row: the cache and data positions are per lane).
-    Keys absent from the checkpoint's config (written by older code) are not compared. Raises
-    IncompatibleCheckpoint with one line naming the first difference.
-    """
-    where = f"checkpoint {source} step {meta.get('step')}" if source else f"checkpoint step {meta.get('step')}"
-    version = format_version(meta)
-    if version > FORMAT_VERSION:
-        raise IncompatibleCheckpoint(
-            f"{where} has format version {version}; this bst_dist reads up to {FORMAT_VERSION}: upgrade it")
-    saved_cfg = meta.get("config") or {}
-    saved = _flatten(saved_cfg.get("model", {}), "model")
-    wanted = _flatten(job_cfg_dict.get("model", {}), "model")
-    saved["train.global_batch_size"] = (saved_cfg.get("train") or {}).get("global_batch_size")
-    wanted["train.global_batch_size"] = (job_cfg_dict.get("train") or {}).get("global_batch_size")
-    for key, want in wanted.items():
-        if key.split(".")[1] in _FREE_MODEL_KEYS or saved.get(key) is None:
-            continue
-        if saved[key] != want:
-            raise IncompatibleCheckpoint(f"{where} has {key}={saved[key]}, the job has {want}")
-
-
 def _cause(e: BaseException) -> str:
     """The short cause of a write error: the OS's words for it when there are some (Orbax wraps
     tensorstore's errno in a long message), else its first line."""
@@ -283,27 +199,31 @@ def check_writable(directory: str) -> None:
                                    "bytes than were written; choose another checkpoint.dir")
 
 
-class Checkpointer:
+class Checkpointer(Restorer):
     """`ocp.CheckpointManager` with the items `state`, `cache`, `data`, `meta` (see module doc).
 
     Keeps the newest `keep_last` steps plus every step that is a multiple of `keep_every`
     (0: none) plus the newest verified step. With `async_save`, `save` returns once device
     arrays are copied to host and the data position is captured; files are written in the
     background (so the caller may donate or overwrite the arrays and advance the iterator right
-    away). Each later `save` call checks whether that write finished (then hashes it, or raises
-    CheckpointWriteError if it failed); the next saving `save`, `wait` or `close` waits for it.
+    away). Each later `save` call checks whether that write finished (then starts hashing it on a
+    thread, or raises CheckpointWriteError if it failed) and whether the hash is written; the
+    next saving `save`, `wait` or `close` waits for both.
+    `poll_every`: check a save in flight at steps that are multiples of it (see `_poll`).
     `log_file`: where Orbax's and Grain's own messages go while this is open (default:
     `library.log` in a local checkpoint directory; dropped for object storage).
     """
 
     def __init__(self, directory: str, *, every: int, keep_last: int, keep_every: int = 0,
-                 async_save: bool = True, log_file: str | None = None):
+                 async_save: bool = True, log_file: str | None = None, poll_every: int = 1):
         if every <= 0 or keep_last <= 0:
             raise ValueError(f"checkpoint: every ({every}) and keep_last ({keep_last}) must be > 0")
         self.directory = str(directory)
         self.every = every
+        self.poll_every = max(int(poll_every), 1)
         self.last_verified_step: int | None = None
-        self._pending: int | None = None  # a saved step whose write (or manifest) is not done
+        self._pending: int | None = None  # a saved step whose write is not done
+        self._hashing: tuple | None = None  # (step, thread, errors): its manifest being written
         self._failed = False  # a save failed: Orbax's leftovers stay off the console (see above)
         self._primary = jax.process_index() == 0
         local = "://" not in self.directory
@@ -361,9 +281,16 @@ class Checkpointer:
         return CheckpointWriteError(f"{what} ({_cause(e)}); {self._last_good()}")
 
     def _finish_pending(self) -> None:
-        """Wait for the in-flight save, then hash it. Raises CheckpointWriteError if it failed,
-        on every process at once (a collective: a process whose own write succeeded must not go
-        on to the next step's collectives alone and hang there)."""
+        """Wait for the in-flight save and its manifest (see `_finish_write`, `_finish_manifest`)."""
+        if self._pending is not None:
+            self._finish_write()
+        self._finish_manifest(block=True)
+
+    def _finish_write(self) -> None:
+        """Wait for the in-flight save, then start hashing it (process 0, on a thread: hashing a
+        large state takes seconds the loop need not wait for). Raises CheckpointWriteError if it
+        failed, on every process at once (a collective: a process whose own write succeeded must
+        not go on to the next step's collectives alone and hang there)."""
         step, self._pending = self._pending, None
         error = None
         try:
@@ -376,21 +303,20 @@ class Checkpointer:
                                     error or RuntimeError("another process could not write its part")) from None
         if step is None:
             return
-        if self._primary:
-            try:
-                integrity.write_manifest(self.step_dir(step))
-            except OSError as e:
-                error = e
-        if any_process(error is not None):
-            raise self._write_error(f"checkpoint step {step}: its integrity manifest could not be written "
-                                    f"to {self.directory}", error or RuntimeError("process 0 failed")) from None
-        self.last_verified_step = step
+        self._start_manifest(step)
 
-    def _poll(self) -> None:
-        """Called every step: once the in-flight save is done on every process, hash it (or
-        report its failure). One allgather per step while a save is in flight."""
-        if self._pending is not None and not any_process(self._mngr.is_saving_in_progress()):
-            self._finish_pending()
+    def _poll(self, step: int) -> None:
+        """Called every step; every `poll_every` steps (the loop: train.log_every, when it reads
+        the metrics anyway): once the in-flight save is done on every process, start hashing it
+        (or report its failure); once the hash is written, that step is verified. A collective
+        (with several processes) at those steps only, while a save or its hash is in flight."""
+        if step % self.poll_every:
+            return
+        if self._pending is not None:
+            if any_process(self._mngr.is_saving_in_progress()):
+                return
+            self._finish_write()
+        self._finish_manifest(block=False)
 
     # ---------------------------------------------------------------------------------------
     # Save
@@ -403,11 +329,10 @@ class Checkpointer:
         DatasetIterator (or anything with get_state() -> bytes / set_state(bytes)).
         Called every step: it also reports (CheckpointWriteError) a background save that failed.
         """
-        self._poll()
+        self._poll(step)
         if not (force or self.should_save(step)):
             return False
-        if self._pending is not None:
-            self._finish_pending()
+        self._finish_pending()
         if step in self._mngr.all_steps():
             if step in self._known:
                 return False  # e.g. the final save right after the periodic one
@@ -437,152 +362,6 @@ class Checkpointer:
         return bool(saved)
 
     # ---------------------------------------------------------------------------------------
-    # Restore
-
-    def _candidates(self, step: int | None) -> list[int]:
-        if step is not None:
-            if step not in self._mngr.all_steps():
-                raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step} "
-                                        f"(have {self.all_steps() or 'none'})")
-            return [step]
-        steps = sorted(self._mngr.all_steps(), reverse=True)
-        if not steps:
-            raise FileNotFoundError(f"{self.directory}: no checkpoint")
-        return steps
-
-    def _verify(self, step: int) -> None:
-        """Raise integrity.CorruptStep unless `step` matches its manifest (every process agrees:
-        the primary checks, the others follow it). A format-1 step has no manifest: it restores
-        unverified, with one warning."""
-        if step in self._checked:
-            return
-        error = None
-        if self._primary and integrity.has_manifest(self.step_dir(step)):
-            try:
-                integrity.verify(self.step_dir(step))
-            except integrity.CorruptStep as e:
-                error = e
-            except OSError as e:
-                error = integrity.CorruptStep(f"cannot be read ({e.strerror or _first_line(e)})")
-        has = integrity.has_manifest(self.step_dir(step))
-        if any_process(error is not None):
-            raise error or integrity.CorruptStep("another process found it damaged")
-        if not has:
-            meta = self._read_meta(step)
-            version = format_version(meta)
-            if version >= 2:
-                # Orbax lists only committed steps, so this one is complete: the run stopped before
-                # hashing it. An older verified step is preferred; with none, this is the work there is.
-                older = [s for s in self._mngr.all_steps() if s < step and integrity.has_manifest(self.step_dir(s))]
-                if older:
-                    raise integrity.CorruptStep(f"no {integrity.MANIFEST} (the save did not finish)")
-                log.warning("checkpoint step %d has no %s (the run stopped before hashing it) and no older "
-                            "verified step exists: restoring it unverified", step, integrity.MANIFEST)
-                self._checked.add(step)
-                return
-            log.warning("checkpoint step %d was written by an older bst_dist (format %d, no checksums): "
-                        "restoring it unverified; the next save writes format %d", step, version, FORMAT_VERSION)
-        self._checked.add(step)
-
-    def _with_fallback(self, step: int | None, attempt):
-        """Run attempt(s) for the newest step, falling back to older ones when it fails.
-
-        Processes agree on failure (any_process), so all of them fall back together.
-        """
-        candidates = self._candidates(step)
-        for i, s in enumerate(candidates):
-            error = None
-            try:
-                result = attempt(s)
-            except IncompatibleCheckpoint:
-                raise
-            except Exception as e:  # noqa: BLE001 - any read error makes the step unreadable
-                log.debug("checkpoint step %d failed to restore", s, exc_info=True)
-                error = e
-            if not any_process(error is not None):
-                return result
-            reason = _first_line(error) if error is not None else "another process failed to read it"
-            if step is not None:
-                raise NoReadableCheckpoint(
-                    f"checkpoint {self.directory} step {s} is unreadable ({reason})") from None
-            if i + 1 < len(candidates):
-                log.warning("checkpoint step %d is unreadable (%s); falling back to step %d",
-                            s, reason, candidates[i + 1])
-            else:
-                log.warning("checkpoint step %d is unreadable (%s); no older checkpoint", s, reason)
-                raise NoReadableCheckpoint(
-                    f"{self.directory}: no readable checkpoint (tried steps "
-                    f"{', '.join(map(str, candidates))})") from None
-        raise AssertionError("unreachable")
-
-    def read_meta(self, step: int | None = None) -> dict:
-        """The `meta` JSON of `step` (None: the newest verified one), migrated to this format."""
-
-        def attempt(s: int) -> dict:
-            self._verify(s)
-            return self._read_meta(s)
-
-        return self._with_fallback(step, attempt)
-
-    def _read_meta(self, step: int) -> dict:
-        return dict(self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-
-    def restore(self, *, abstract_state: Any, abstract_cache: Any, data_iter: Any,
-                step: int | None = None, job_config: dict | None = None):
-        """Restore (state, cache, meta, step); `data_iter` is repositioned in place.
-
-        `abstract_*` are pytrees of jax.ShapeDtypeStruct whose `sharding` is a NamedSharding on
-        the real mesh of this run (see `abstract_tree`): arrays are read and resharded onto it,
-        whatever mesh wrote them. step=None: the newest step that verifies and restores,
-        falling back past damaged ones. With `job_config` (the resolved job as a dict) each
-        candidate's meta is checked first with `check_compatible`, so a changed model is
-        reported as such rather than as an unreadable checkpoint.
-        """
-
-        def attempt(s: int):
-            self._verify(s)
-            if job_config is not None:
-                check_compatible(self._read_meta(s), job_config, source=self.directory)
-            items = {
-                "state": ocp.args.StandardRestore(abstract_state),
-                "data": LaneRestore(data_iter),
-                "meta": ocp.args.JsonRestore(),
-            }
-            want_cache = _has_leaves(abstract_cache)
-            if want_cache:
-                if not (self.step_dir(s) / "cache").exists():
-                    raise IncompatibleCheckpoint(
-                        f"checkpoint {self.directory} step {s} has no cache; the job's model carries one")
-                items["cache"] = ocp.args.StandardRestore(abstract_cache)
-            out = self._mngr.restore(s, args=ocp.args.Composite(**items))
-            cache = out["cache"] if want_cache else abstract_cache
-            return out["state"], cache, dict(out["meta"]), s
-
-        result = self._with_fallback(step, attempt)
-        self._known.add(result[3])
-        self.last_verified_step = result[3]
-        return result
-
-    def restore_state(self, *, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
-        """(state, meta, step) alone, for evaluation and inspection (no data position, no cache).
-        `abstract_state` may be a part of the saved state ({"params": ...}): only that is read."""
-
-        def attempt(s: int):
-            self._verify(s)
-            # Orbax's StandardRestore(strict=False) still refuses a restore item with fewer
-            # subtrees than were saved; a PyTree restore with partial_restore reads only those
-            # asked for, so the optimizer state is never read or allocated.
-            item = abstract_state
-            args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                          partial_restore=True)
-            with ocp.PyTreeCheckpointer() as reader:
-                state = reader.restore(os.path.join(str(self.directory), str(s), "state"), args=args)
-            meta = self._mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            return state, dict(meta), s
-
-        return self._with_fallback(step, attempt)
-
-    # ---------------------------------------------------------------------------------------
 
     def wait(self) -> None:
         """Block until the in-flight async save is on disk and hashed (CheckpointWriteError if
@@ -594,11 +373,11 @@ class Checkpointer:
                 self._mngr.wait_until_finished()
             except Exception as e:  # noqa: BLE001
                 raise self._write_error(f"a checkpoint save to {self.directory} failed", e) from None
+            self._finish_manifest(block=True)
 
     def close(self) -> None:
         try:
-            if self._pending is not None:
-                self._finish_pending()
+            self._finish_pending()
         finally:
             try:
                 self._mngr.close()

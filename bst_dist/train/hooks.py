@@ -4,9 +4,9 @@ A hook sees the `Run` (the state, cache, step and the last step's metrics) at th
 `on_start` once the state exists, `after_step` after every step, `on_end(ok)` when the loop
 ends (ok: it reached `train.steps`). A hook that must end the run raises: `SystemExit` for a
 requested stop, `TrainingError` for a run that cannot go on. Hooks run in list order, so the
-order below is the order of effects after a step: log and report it, checkpoint it, then decide
-whether to stop. The profiler (`Profile`) comes after every other hook, so that its trace holds
-whole steps.
+order below is the order of effects after a step: checkpoint it (timing the loop's stall), log
+and report it, then decide whether to stop. The profiler (`Profile`) comes after every other
+hook, so that its trace holds whole steps.
 
 The hooks that need evaluation or plotting live beside those packages (`eval/hook.py`,
 `runs/plot.py`) and are added by `runs/job.py`; nothing here imports them.
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from bst_dist import config as config_lib
 from bst_dist.config import JobConfig
@@ -52,11 +53,17 @@ class Run:
     step: int
     tokens_seen: int = 0
     start_step: int = 0
-    record: dict = field(default_factory=dict)
+    record: dict = field(default_factory=dict)  # the newest fetched step's metrics
     losses: list = field(default_factory=list)
-    ckpt_time: float = 0.0
+    # Steps whose metrics are still on the device: the loop never waits for the device between
+    # log steps; `fetch` reads them all at once (the Metrics hook, every train.log_every steps).
+    pending: list = field(default_factory=list)
+    fetched: list = field(default_factory=list)  # (step, record) read by this step's fetch
+    fetched_at: float = field(default_factory=time.perf_counter)
+    excluded: float = 0.0  # loop seconds since the last fetch that are not step time (evaluation)
     logger: Any = None  # the MetricsLogger (set by the Metrics hook): other hooks log through it
-    started_at: float = field(default_factory=time.time)
+    started_at: float = field(default_factory=time.time)  # when train() began (time.time())
+    state_time: float = 0.0  # seconds to create or restore the state
 
     @property
     def chief(self) -> bool:
@@ -64,6 +71,55 @@ class Run:
 
     def meta(self) -> dict:
         return {"config": config_lib.to_dict(self.cfg), "tokens_seen": self.tokens_seen, "step": self.step}
+
+    def advance(self, out: dict, *, data_time: float) -> None:
+        """Count a dispatched step; its metrics `out` (device scalars) wait for `fetch`."""
+        B, L = self.cfg.train.global_batch_size, self.cfg.model.seq_len
+        self.step += 1
+        self.tokens_seen += B * L
+        self.fetched = []
+        self.pending.append({"step": self.step, "out": out, "data_time": data_time, "ckpt_time": 0.0,
+                             "tokens_seen": self.tokens_seen})
+
+    def note_ckpt_time(self, seconds: float) -> None:
+        """The checkpoint stall of the step just dispatched (ckpt_time; not step time)."""
+        if self.pending:
+            self.pending[-1]["ckpt_time"] += seconds
+        else:
+            self.excluded += seconds
+
+    def exclude(self, seconds: float) -> None:
+        """Loop time that is not step time (evaluation), left out of step_time and tokens/s."""
+        self.excluded += seconds
+
+    def fetch_due(self) -> bool:
+        """Log steps (train.log_every), the last step and this process's first step."""
+        t = self.cfg.train
+        return self.step % t.log_every == 0 or self.step >= t.steps or self.step == self.start_step + 1
+
+    def fetch(self) -> list:
+        """Read every pending step's metrics from the device (the one host sync between log
+        steps) -> [(step, record)], also in `fetched`; `record` is the newest. step_time is the
+        mean wall time per step since the previous fetch, checkpoint stalls and evaluation left
+        out (steps overlap their data loading, so it is the loop's real pace)."""
+        if not self.pending:
+            return []
+        outs = jax.device_get([p["out"] for p in self.pending])
+        now = time.perf_counter()
+        stalls = sum(p["ckpt_time"] for p in self.pending) + self.excluded
+        step_time = max(now - self.fetched_at - stalls, 1e-9) / len(self.pending)
+        B, L = self.cfg.train.global_batch_size, self.cfg.model.seq_len
+        fetched = []
+        for p, out in zip(self.pending, outs):
+            loss = float(out["loss"])
+            self.losses.append(loss)
+            fetched.append((p["step"], {
+                "loss": loss, "ppl": float(np.exp(min(loss, 50.0))), "grad_norm": float(out["grad_norm"]),
+                "tokens_per_sec": B * L / step_time, "step_time": step_time, "data_time": p["data_time"],
+                "ckpt_time": p["ckpt_time"], "tokens_seen": p["tokens_seen"], "skipped": int(out["skipped"])}))
+        self.pending, self.fetched, self.fetched_at, self.excluded = [], fetched, now, 0.0
+        self.record = fetched[-1][1]
+        return fetched
 
     def save(self, *, force: bool = False) -> None:
         self.ckpt.save(self.step, state=self.state, cache=self.cache, data_iter=self.loader, meta=self.meta(),
@@ -99,23 +155,37 @@ class Metrics(Hook):
         self.peak = device_peak_flops(jax.devices()[0])
 
     def after_step(self, run: Run) -> None:
-        r = run.record
-        r["mfu"] = mfu(self.flops, r["step_time"] - r["data_time"], jax.device_count(), self.peak)
-        self.logger.log(run.step, r)
-        if self.report is not None:
-            self.report({"step": run.step, **r})
+        if run.fetch_due():
+            self.log(run.fetch())
+
+    def log(self, fetched: list) -> None:
+        for step, r in fetched:
+            # data loading overlaps the device's work: the step's pace is step_time
+            r["mfu"] = mfu(self.flops, r["step_time"], jax.device_count(), self.peak)
+            self.logger.log(step, r)
+            if self.report is not None:
+                self.report({"step": step, **r})
 
     def on_end(self, run: Run, ok: bool) -> None:
+        try:
+            self.log(run.fetch())  # the steps since the last log step (a stop, a failed save)
+        except Exception:  # noqa: BLE001 - a device that failed: the run's own error says why
+            log.debug("could not fetch the last steps' metrics", exc_info=True)
         self.logger.close()
 
 
 class Checkpoints(Hook):
-    """Saves every `checkpoint.every` steps and at the last; `ckpt_time` is the loop's stall."""
+    """Saves every `checkpoint.every` steps and at the last. The step's `ckpt_time` is the wall
+    time the loop spends in checkpoint work: on a save step the copy of the state to the host and
+    the wait for the previous save, on the others the check of a save in flight."""
 
     def after_step(self, run: Run) -> None:
+        last = run.step == run.cfg.train.steps
+        if last or run.ckpt.should_save(run.step):
+            jax.block_until_ready((run.state, run.cache))  # the device finishing the step is step time
         t0 = time.perf_counter()
-        run.save(force=run.step == run.cfg.train.steps)
-        run.ckpt_time = time.perf_counter() - t0  # logged with the next step, as that step's stall
+        run.save(force=last)
+        run.note_ckpt_time(time.perf_counter() - t0)
 
     def on_end(self, run: Run, ok: bool) -> None:
         if ok:
@@ -145,13 +215,17 @@ class StopOnRequest(Hook):
 
 
 class NanGuard(Hook):
-    """More than `train.max_nan_steps` skipped (non-finite) steps in a row: save and stop."""
+    """More than `train.max_nan_steps` skipped (non-finite) steps in a row: save and stop. Seen
+    when the steps' metrics are fetched (every train.log_every steps), so the stop saves the
+    step of that fetch; a skipped step changes no parameters, so the saved weights are the
+    ones before the streak."""
 
     def on_start(self, run: Run) -> None:
         self.streak = 0
 
     def after_step(self, run: Run) -> None:
-        self.streak = self.streak + 1 if run.record["skipped"] else 0
+        for _, r in run.fetched:  # the steps fetched at this step (every train.log_every steps)
+            self.streak = self.streak + 1 if r["skipped"] else 0
         limit = run.cfg.train.max_nan_steps
         if self.streak > limit:
             run.save_now()
@@ -197,4 +271,4 @@ class Profile(Hook):
 
 
 def standard_hooks(report=None, stop=None) -> list[Hook]:
-    return [Metrics(report), Checkpoints(), StopOnRequest(stop), NanGuard()]
+    return [Checkpoints(), Metrics(report), StopOnRequest(stop), NanGuard()]

@@ -30,6 +30,7 @@ from bst_dist import config as config_lib
 from bst_dist import parallel, storage
 from bst_dist.config import JobConfig
 from bst_dist.errors import UserError
+from bst_dist.train import compile_cache
 from bst_dist.train.checkpoint import Checkpointer, NoReadableCheckpoint, check_compatible, check_writable
 from bst_dist.train.hooks import Hook, Profile, Run, TrainingError, standard_hooks  # noqa: F401 (TrainingError: API)
 from bst_dist.train.lock import RunLock, RunLocked
@@ -44,12 +45,15 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
           hooks: Sequence[Hook] = ()) -> dict:
     """Train (or resume) the job in this process; returns the run's summary on every process.
 
-    report: called after every step on every process with its metrics (Ray's report hook).
+    report: called for every step on every process with its metrics (Ray's report hook), at the
+    log steps, when the loop reads the steps' metrics from the device.
     stop: set by another thread to ask for a checkpoint and exit, like SIGTERM (Ray workers run
     this function on a thread that cannot install signal handlers).
     hooks: more hooks after the standard ones (evaluation and plots: see runs/job.py)."""
     from data_pipelines import make_loader
 
+    started_at = time.time()
+    compile_cache.enable(cfg.train.compile_cache)  # before the first compile (a collective compiles too)
     mesh = parallel.make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
     t = cfg.train
@@ -66,14 +70,18 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
                              split="train", seed=t.seed, lanes=assignment[str(jax.process_index())],
                              assignment=assignment)
         with contextlib.closing(loader):
+            t0 = time.time()
             start = initial_state(cfg, mesh, ckpt, data_iter=loader)
+            jax.block_until_ready((start.state, start.cache))
             run = Run(cfg, start.setup, ckpt, loader, start.state, start.cache, start.step,
-                      tokens_seen=int(start.meta.get("tokens_seen", 0)), start_step=start.step)
+                      tokens_seen=int(start.meta.get("tokens_seen", 0)), start_step=start.step,
+                      started_at=started_at, state_time=time.time() - t0)
             step_fn, shardings = make_train_step(run.setup), batch_shardings(run.setup)
             hooks = [*standard_hooks(report, stop), *hooks, Profile()]  # last: it traces whole steps
             for h in hooks:
                 h.on_start(run)
             log_start(run)
+            run.fetched_at = time.perf_counter()
             # the rows this process's data lands on (what make_array_from_process_local_data does)
             trace = parallel.LaneTrace.from_env(parallel.process_lanes(shardings["inputs"], t.global_batch_size))
             ok = False
@@ -86,12 +94,13 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
                         if trace is not None:
                             trace.write(run.step, local)
                         batch = global_batch(local, shardings)
-                        t1 = time.perf_counter()
+                        data_time = time.perf_counter() - t0
                         run.state, run.cache, out = step_fn(run.state, run.cache, batch)
-                        record_step(run, jax.device_get(out), data_time=t1 - t0,
-                                    step_time=time.perf_counter() - t0)
+                        run.advance(out, data_time=data_time)  # no wait for the device (Run.fetch)
                     for h in hooks:
                         h.after_step(run)
+                    if run.step == run.start_step + 1 and run.chief:
+                        log.info("first step done %.1fs after start", time.time() - run.started_at)
                 ok = True
             finally:
                 if trace is not None:
@@ -99,17 +108,6 @@ def train(cfg: JobConfig, *, report: Callable[[dict], None] | None = None, stop:
                 for h in reversed(hooks):
                     h.on_end(run, ok)
     return finish(run)
-
-
-def record_step(run: Run, out: dict, *, data_time: float, step_time: float) -> None:
-    B, L = run.cfg.train.global_batch_size, run.cfg.model.seq_len
-    run.step += 1
-    run.tokens_seen += B * L
-    loss = float(out["loss"])
-    run.losses.append(loss)
-    run.record = {"loss": loss, "ppl": float(np.exp(min(loss, 50.0))), "grad_norm": float(out["grad_norm"]),
-                  "tokens_per_sec": B * L / step_time, "step_time": step_time, "data_time": data_time,
-                  "ckpt_time": run.ckpt_time, "tokens_seen": run.tokens_seen, "skipped": int(out["skipped"])}
 
 
 def check_steps(cfg: JobConfig, ckpt: Checkpointer) -> None:
@@ -164,7 +162,7 @@ def open_checkpointer(cfg: JobConfig) -> Checkpointer:
     storage.check_bucket(checkpoint_dir(cfg), "checkpoint.dir" if c.dir else "train.run_dir")
     check_writable(checkpoint_dir(cfg))  # before Orbax's manager: its threads outlive a refused start
     ckpt = Checkpointer(checkpoint_dir(cfg), every=c.every, keep_last=c.keep_last, keep_every=c.keep_every,
-                        async_save=c.async_save)
+                        async_save=c.async_save, poll_every=cfg.train.log_every)
     try:
         latest = ckpt.latest_step()
         if latest is not None:
@@ -194,9 +192,9 @@ def log_start(run: Run) -> None:
     if run.start_step:
         log.info("resumed from %s step %d", run.ckpt.directory, run.start_step)
     if run.chief:
-        log.info("training %s: %d devices, mesh %s, steps %d..%d, %.1fs to first step", run.cfg.name,
-                 jax.device_count(), dict(run.setup.mesh.shape), run.step, run.cfg.train.steps,
-                 time.time() - run.started_at)
+        log.info("training %s: %d devices, mesh %s, steps %d..%d, state %s in %.1fs, %.1fs since start",
+                 run.cfg.name, jax.device_count(), dict(run.setup.mesh.shape), run.step, run.cfg.train.steps,
+                 "restored" if run.start_step else "created", run.state_time, time.time() - run.started_at)
 
 
 def finish(run: Run) -> dict:
