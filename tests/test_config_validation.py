@@ -121,6 +121,10 @@ OVERRIDES = [
     (["mesh.tensor=3"], "mesh.tensor"),
     (["mesh.rules=[[embedd, fsdp]]"], "mesh.rules[0]"),
     (["mesh.rules=[[embed, fsdpp]]"], "mesh.rules[0]"),
+    (["mesh.dcn.fsdp=2"], "mesh.dcn.fsdp"),  # only data may span slices
+    (["mesh.dcn={dta: 2}"], "mesh.dcn.dta"),
+    (["mesh.dcn.data=0"], "mesh.dcn.data"),
+    (["mesh.data=4", "mesh.dcn.data=3"], "mesh.dcn.data"),  # 3 slices cannot split data = 4
     # checkpoint
     (["checkpoint.every=0"], "checkpoint.every"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
@@ -135,6 +139,13 @@ OVERRIDES = [
     (["ray.resources_per_worker={TPU: 4}"], "ray.resources_per_worker.TPU"),
     (["ray.resources_per_worker={GPU: 8}"], "ray.resources_per_worker.GPU"),
     (["ray.use_tpu=true", "ray.num_workers=2"], "ray.topology"),
+    # one Ray worker per TPU host of every slice: 2x4x4 is 8 hosts
+    (["ray.use_tpu=true", "ray.topology=2x4x4", "ray.accelerator_type=TPU-V5P", "ray.num_workers=4"],
+     "ray.num_workers"),
+    (["ray.use_tpu=true", "ray.topology=2x4x4", "ray.accelerator_type=TPU-V5P", "ray.num_workers=8",
+      "mesh.dcn.data=2"], "ray.num_workers"),
+    (["ray.use_tpu=true", "ray.topology=v5p-64", "ray.accelerator_type=TPU-V5P", "ray.num_workers=8"],
+     "ray.topology"),
     (["ray.max_failures=-2"], "ray.max_failures"),
     (["ray.cpu_devices_per_worker=-1"], "ray.cpu_devices_per_worker"),
     (["ray.runtime_env={env_vars: [a]}"], "ray.runtime_env.env_vars"),

@@ -27,8 +27,6 @@ def _runnable(path: str) -> bool:
 
 ALL = [p for p in FILES if _runnable(p)]
 PARTS = [p for p in FILES if not _runnable(p)]
-PAPER = [p for p in ALL if os.path.basename(p).startswith("pg19_")]
-BASES = [p for p in PAPER if "/variants/" not in p]
 ROWS = {  # file -> (paper row, bst_layers, brect_layers, variant, kernel)
     "pg19_200m_bst_sh_s4": ("BST:SH:S4", (0, 7, 9), (), "SH", "s4d"),
     "pg19_200m_bst_mh_s4": ("BST:MH:S4", (0, 7, 9), (), "MH", "s4d"),
@@ -46,6 +44,12 @@ PLACEMENT = {("ray",), ("data", "src"), ("data", "path"), ("train", "run_dir"), 
 
 def _name(path: str) -> str:
     return os.path.basename(path)[: -len(".yaml")].removesuffix("_tpu_v5p")
+
+
+# The family scaled past the papers' sizes: TPU jobs with no paper row (test_scaled_job_*)
+SCALED = {"pg19_1b": {"topology": "4x4x8", "num_workers": 32, "mesh": {"data": 16, "fsdp": 8, "tensor": 1}}}
+PAPER = [p for p in ALL if os.path.basename(p).startswith("pg19_") and _name(p) not in SCALED]
+BASES = [p for p in PAPER if "/variants/" not in p]
 
 
 def _includes(path: str) -> list[str]:
@@ -148,3 +152,37 @@ def test_default_job_survives_a_killed_worker():
     bounded NaN stop is exempt from retries (tests/test_launch_quiet.py)."""
     cfg = config.load(os.path.join(REPO, "jobs", "local_tiny.yaml"))
     assert cfg.ray.max_failures > 0 and cfg.checkpoint.every > 0
+
+
+@pytest.mark.parametrize("name", sorted(SCALED))
+def test_scaled_job_is_the_family_on_its_slice(name):
+    """A scaled job keeps the family's vocabulary, head size, block and length, data and optimizer,
+    and its placement adds up: one Ray worker per host, a mesh over every chip whose data x fsdp
+    splits the batch into one sequence per chip."""
+    from bst_dist import parallel
+    from bst_dist.parallel.topology import chips, hosts_per_slice
+
+    want = SCALED[name]
+    path = os.path.join(REPO, "jobs", "variants", f"{name}_tpu_v5p.yaml")
+    cfg = config.load(path)
+    family = config.load(os.path.join(REPO, "jobs", "pg19_400m.yaml"))
+    m, f = cfg.model, family.model
+    assert (m.vocab_size, m.head_dim, m.block_len, m.seq_len, m.dtype) == \
+        (f.vocab_size, f.head_dim, f.block_len, f.seq_len, f.dtype)
+    assert (m.bst, m.bst_layers) == (f.bst, f.bst_layers)
+    assert cfg.train.optimizer == family.train.optimizer and cfg.data.corpus == "pg19"
+    r = cfg.ray
+    assert r.use_tpu and r.topology == want["topology"] and r.num_workers == want["num_workers"]
+    assert r.num_workers == hosts_per_slice(r.topology, r.accelerator_type)
+    n = chips(r.topology)
+    sizes = dict(zip(parallel.AXES, parallel.mesh_shape(cfg.mesh, n)))
+    assert sizes == want["mesh"]
+    assert cfg.train.global_batch_size == sizes["data"] * sizes["fsdp"] == n  # one sequence per chip
+    # the same token budget as the family: steps x batch x L
+    assert cfg.train.steps * cfg.train.global_batch_size == family.train.steps * family.train.global_batch_size
+    assert cfg.checkpoint.dir == f"gs://bst-dist-pg19/runs/{cfg.name}/checkpoints"
+    assert os.path.isabs(cfg.train.run_dir) and cfg.train.run_dir.endswith("/" + cfg.name)
+    # the header's parameter count is true (tests/test_job_params.py covers jobs/*.yaml)
+    from ops.job_params import main
+
+    assert main([path]) == 0

@@ -76,3 +76,38 @@ def cfg_overrides(cfg):
     return [f"model.d_model={m.d_model}", f"model.num_heads={m.num_heads}", f"model.head_dim={m.head_dim}",
             f"model.mlp_dim={m.mlp_dim}", f"model.num_layers={m.num_layers}", "model.bst_layers=[]",
             "model.brect_layers=[]", f"train.global_batch_size={cfg.train.global_batch_size}"]
+
+
+def test_a_dcn_axis_on_one_slice_is_refused_before_compiling():
+    devs = _topology("v5p-8")  # one slice of 4 chips
+    cfg = config.from_dict(TINY_JOB, ["mesh.dcn.data=2", "train.global_batch_size=4"])
+    with CompileCounter() as compiles, pytest.raises(config.ConfigError) as e:
+        plan(cfg, devs)
+    assert str(e.value) == ("mesh.dcn.data: 2 slices asked for, but the 4 devices are one slice; drop mesh.dcn on "
+                            "a single slice")
+    assert compiles.count == 0
+
+
+def test_out_writes_the_plan_with_its_command_and_versions(tmp_path):
+    """`--out PATH`: the record committed under bench/results/plans/ (here the devices present,
+    unbounded HBM, no compilation: the record's shape, not the figures)."""
+    import json
+
+    import yaml
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(TINY_JOB))
+    out = tmp_path / "plans" / "tiny.json"
+    env = {"JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO, "PATH": "/usr/bin:/bin",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    p = subprocess.run([sys.executable, "-m", "bst_dist", "plan", str(job), "--set", "mesh.fsdp=2", "--no-compile",
+                        "--out", str(out)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert rec["command"] == f"bst-dist plan {job} --set mesh.fsdp=2 --no-compile"
+    import jax
+
+    assert rec["versions"]["jax"] == jax.__version__ and "libtpu" in rec["versions"]
+    assert rec["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1} and rec["devices"] == 8
+    assert rec["model_flops_per_step"] > 0 and rec["resident_gib"]["total"] > 0
+    assert p.stdout.startswith("8 cpu devices on 1 host(s), mesh data=4 x fsdp=2 x tensor=1")

@@ -3,7 +3,7 @@ mesh) whose mesh interleaves the processes along `data` like a TPU mesh, killed 
 a few steps and resumed onto another process count and device order, ends where an uninterrupted
 single-process run ends: the per-step losses and the final parameters, optimizer state and cache
 (float32, 1e-5 relative, docs/training.md; bitwise where the mesh shape and the device of every
-mesh position are the same), and every batch row read exactly the documents the reference's row
+mesh position are the same and both runs use several processes: tests/test_collectives_order.py), and every batch row read exactly the documents the reference's row
 read, step by step (BST_DIST_LANE_TRACE), so no sequence was delivered twice or lost and every
 cache row met its own lane's documents.
 
@@ -119,9 +119,10 @@ def reference(tmp_path_factory):
     return job, str(d / "run"), trace
 
 
-def kill_and_resume(reference, tmp_path, first: tuple, then: tuple, at: int = 3):
+def kill_and_resume(reference, tmp_path, first: tuple, then: tuple, at: int = 3, exact: bool = False):
     """Run `first` = (processes, extra args) until `at` steps are logged, SIGKILL it, resume with
-    `then`; check it against the reference and return (run_dir, the killed run's lane assignment)."""
+    `then`; check it against the reference (bitwise with `exact`, else 1e-5 relative) and return
+    (run_dir, the killed run's lane assignment)."""
     job, ref_dir, ref_trace = reference
     run_dir, trace = str(tmp_path / "run"), str(tmp_path / "trace")
     kill_after(launch(job, run_dir, first[0], *first[1], trace=trace), run_dir, at)
@@ -146,18 +147,48 @@ def kill_and_resume(reference, tmp_path, first: tuple, then: tuple, at: int = 3)
     got_losses = [json.loads(line)["loss"] for line in metrics_lines(run_dir)]
     ref_losses = [json.loads(line)["loss"] for line in metrics_lines(ref_dir)]
     assert len(got_losses) == len(ref_losses) == N
-    np.testing.assert_allclose(got_losses, ref_losses, rtol=1e-5)
+    if exact:
+        assert got_losses == ref_losses
+    else:
+        np.testing.assert_allclose(got_losses, ref_losses, rtol=1e-5)
     mine, theirs = final_arrays(run_dir), final_arrays(ref_dir)
     import jax
 
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(mine), jax.tree_util.tree_leaves(theirs)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+        if exact:
+            np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
     return run_dir, killed
 
 
 def test_interleaved_two_processes_killed_then_one(reference, tmp_path):
     _, killed = kill_and_resume(reference, tmp_path, (2, INTERLEAVED), (1, []))
     assert killed == {"0": [0, 2, 4, 6], "1": [1, 3, 5, 7]}  # the killed run really interleaved
+
+
+@pytest.fixture(scope="module")
+def reference_two_processes(tmp_path_factory):
+    """One uninterrupted run on 2 processes of 4 devices, jax's device order (mesh position i is
+    device i, as on 1 process)."""
+    d = tmp_path_factory.mktemp("ref2")
+    job = write_job(d / "job.yaml", train={"steps": N})
+    wait(launch(job, str(d / "run"), 2, trace=str(d / "trace")))
+    return job, str(d / "run"), read_trace(str(d / "trace"))
+
+
+@pytest.mark.slow
+def test_two_processes_killed_then_four_at_the_same_positions_is_bitwise(reference_two_processes, tmp_path):
+    """The mesh shape and every mesh position's device unchanged, 2 processes of 4 devices killed
+    and resumed on 4 of 2: the losses, parameters, optimizer state and cache are bitwise the
+    uninterrupted 2-process run's. Across processes every device is its own rank of the CPU
+    collectives (gloo), so the gradient all-reduce adds in the same order whatever the process
+    count; one process reduces in-process, in another order (tests/test_collectives_order.py),
+    so 1 <-> P processes agree to 1e-5, not bitwise."""
+    run_dir, killed = kill_and_resume(reference_two_processes, tmp_path, (2, []), (4, []), exact=True)
+    assert killed == {"0": [0, 1, 2, 3], "1": [4, 5, 6, 7]}  # contiguous: mesh position i is device i
+    with open(os.path.join(run_dir, "checkpoints", str(N), "data", "process_0-of-4.json")) as f:
+        assert json.load(f)["assignment"] == {"0": [0, 1], "1": [2, 3], "2": [4, 5], "3": [6, 7]}
 
 
 @pytest.mark.slow

@@ -16,6 +16,8 @@ def add_args(p):
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the step-time estimate")
     p.add_argument("--no-compile", action="store_true", help="only the checks and the analytic bound")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="also write the plan as JSON to PATH, with the command line and the jax/libtpu versions")
 
 
 def run(args) -> int:
@@ -36,4 +38,32 @@ def run(args) -> int:
         raise UserError("--slices: needs --topology (the slices of which TPU)")
     p = plan(cfg, devices, mfu=args.mfu, compile_step=not args.no_compile)
     print(json.dumps(p, indent=1) if args.json else format_plan(p))
+    if args.out:
+        write_plan(args.out, p, command_line(args))
     return 0
+
+
+def command_line(args) -> list[str]:
+    """The arguments that reproduce this plan (the --out path left out)."""
+    argv = [args.job, *(a for o in args.overrides for a in ("--set", o))]
+    if args.topology:
+        argv += ["--topology", args.topology]
+    if args.slices != 1:
+        argv += ["--slices", str(args.slices)]
+    if args.mfu != 0.4:
+        argv += ["--mfu", str(args.mfu)]
+    return argv + (["--no-compile"] if args.no_compile else [])
+
+
+def write_plan(path: str, p: dict, argv: list[str]) -> None:
+    """The plan as a committed record: what was run, with which jax and libtpu, and the figures."""
+    import os
+    import shlex
+
+    from bst_dist.parallel.plan import versions
+
+    record = {"command": shlex.join(["bst-dist", "plan", *argv]), "versions": versions(), **p}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")

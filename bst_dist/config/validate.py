@@ -173,11 +173,29 @@ def _mesh(cfg: JobConfig) -> None:
                           "(take the remaining devices)")
     if mesh.tensor > 0 and (cfg.model.num_heads % mesh.tensor):
         raise ConfigError(f"mesh.tensor: {mesh.tensor} must divide model.num_heads={cfg.model.num_heads}")
+    slices = dcn_slices(mesh.dcn)
+    if mesh.data > 0 and mesh.data % slices:
+        raise ConfigError(f"mesh.dcn.data: {slices} slices do not divide mesh.data = {mesh.data}")
     for i, (name, target) in enumerate(mesh.rules):
         if name not in LOGICAL_AXES:
             raise ConfigError(f"mesh.rules[{i}]: unknown logical axis {name!r}; allowed: {', '.join(LOGICAL_AXES)}")
         if target is not None and target not in axes:
             raise ConfigError(f"mesh.rules[{i}]: {name} -> {target!r}; allowed mesh axes: {', '.join(axes)} or null")
+
+
+def dcn_slices(dcn: dict) -> int:
+    """The slice count `mesh.dcn` asks for (1 without it); only `data` may span slices: FSDP
+    all-gathers and tensor-parallel reductions run every layer and need ICI bandwidth, data
+    parallelism reduces gradients once per step."""
+    for k, v in dcn.items():
+        if k in ("fsdp", "tensor"):
+            raise ConfigError(f"mesh.dcn.{k}: only data may span slices ({k} collectives run every layer and "
+                              "need ICI); use mesh.dcn: {data: N}")
+        if k != "data":
+            raise ConfigError(f"mesh.dcn.{k}: unknown mesh axis; allowed: data")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"mesh.dcn.{k}: expected a positive number of slices, got {v!r}")
+    return dcn.get("data", 1)
 
 
 def _checkpoint(cfg: JobConfig) -> None:
@@ -200,7 +218,7 @@ def _ray(cfg: JobConfig) -> None:
     if r.use_tpu and r.topology:  # one Ray worker per TPU host, in every slice
         from bst_dist.parallel.topology import check_num_workers
 
-        slices = math.prod(int(v) for v in cfg.mesh.dcn.values() if isinstance(v, int)) or 1
+        slices = dcn_slices(cfg.mesh.dcn)
         problem = check_num_workers(r.num_workers, r.topology, r.accelerator_type, slices)
         if problem:
             raise ConfigError(problem)

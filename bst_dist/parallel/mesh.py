@@ -73,16 +73,9 @@ def dcn_shape(mesh_cfg: MeshConfig, shape: tuple[int, int, int], slices: int) ->
     """(data, fsdp, tensor) slice counts from `mesh.dcn`, checked against the devices' slices.
     Only `data` may span slices: FSDP all-gathers and tensor-parallel reductions run every layer
     and need ICI bandwidth; data parallelism reduces gradients once per step."""
-    dcn = dict(getattr(mesh_cfg, "dcn", {}) or {})
-    for k, v in dcn.items():
-        if k in ("fsdp", "tensor"):
-            raise ConfigError(f"mesh.dcn.{k}: only data may span slices ({k} collectives run every layer and "
-                              "need ICI); use mesh.dcn: {{data: N}}")
-        if k != "data":
-            raise ConfigError(f"mesh.dcn.{k}: unknown mesh axis; allowed: data")
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"mesh.dcn.{k}: expected a positive number of slices, got {v!r}")
-    d = dcn.get("data", 1)
+    from bst_dist.config.validate import dcn_slices
+
+    d = dcn_slices(dict(getattr(mesh_cfg, "dcn", {}) or {}))
     if d > 1 and slices == 1:
         raise ConfigError(f"mesh.dcn.data: {d} slices asked for, but the {math.prod(shape)} devices are one slice; "
                           "drop mesh.dcn on a single slice")

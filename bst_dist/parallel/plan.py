@@ -62,6 +62,19 @@ def resident_bytes(cfg, mesh) -> dict:
     return out
 
 
+def versions() -> dict:
+    """jax, jaxlib and libtpu as installed: a compiled plan's figures belong to these."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("jax", "jaxlib", "libtpu"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def chip_facts(devices) -> tuple[float | None, float | None, str]:
     kind = getattr(devices[0], "device_kind", "?")
     hbm, peak = CHIPS.get(kind, (None, None))

@@ -32,7 +32,8 @@ def check_num_workers(num_workers: int, topology: str, accelerator_type: str | N
     try:
         hosts = hosts_per_slice(topology, accelerator_type)
     except ValueError:
-        return f"ray.topology: {topology!r} is not a chip grid like 2x4x4"
+        named = NAMED.get(topology.lower())
+        return f"ray.topology: {topology!r} is not a chip grid like 2x4x4" + (f"; {topology} is {named}" if named else "")
     if num_workers % hosts:
         return (f"ray.num_workers: {num_workers} must be a multiple of {hosts} (hosts per slice) for topology "
                 f"{topology}")
