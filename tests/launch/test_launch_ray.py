@@ -29,12 +29,13 @@ from bst_dist.launch.local import SINGLE_NODE_ENV, LocalRay, connect  # noqa: E4
 from bst_dist.launch.ray_trainer import TrainingFailed  # noqa: E402
 
 from tests.helpers.paths import LOCAL_TINY as JOB, REPO
+from tests.helpers.tiny import tiny_sets
 
 BIN = os.path.dirname(sys.executable)
-# local_tiny, smaller: one BST layer among two; synchronous checkpoints every 2 steps, so a kill
-# right after step k's report always finds step 2*floor(k/2) complete.
-TINY = ["model.num_layers=2", "model.bst_layers=[1]", "model.d_model=64", "model.num_heads=4", "model.head_dim=16",
-        "model.mlp_dim=128", "train.steps=6", "train.global_batch_size=8", "train.log_every=3",
+# local_tiny with the tiny model in two layers, [block, bst]; synchronous checkpoints every 2
+# steps, so a kill right after step k's report always finds step 2*floor(k/2) complete. The
+# worker's device count stays last (the submit test leaves it out).
+TINY = [*tiny_sets(num_layers=2, brect_layers=[]), "train.steps=6", "train.global_batch_size=8", "train.log_every=3",
         "checkpoint.every=2", "checkpoint.async_save=false", "ray.cpu_devices_per_worker=4"]
 
 # The test module is not importable on Ray workers: ship its functions by value.

@@ -23,10 +23,11 @@ pytest.importorskip("gcp_storage_emulator")
 from bst_dist import storage  # noqa: E402
 
 from tests.helpers.paths import LOCAL_TINY as JOB, REPO
+from tests.helpers.tiny import tiny_sets
 
 BUCKET = "bst-test"
-TINY = ["model.num_layers=2", "model.bst_layers=[1]", "model.d_model=64", "model.num_heads=4", "model.head_dim=16",
-        "model.mlp_dim=128", "model.seq_len=128", "model.block_len=32", "train.steps=6", "train.global_batch_size=8",
+# local_tiny with the tiny model in two layers, [block, bst]
+TINY = [*tiny_sets(num_layers=2, brect_layers=[]), "train.steps=6", "train.global_batch_size=8",
         "train.log_every=1", "checkpoint.every=2", "checkpoint.async_save=false"]
 
 

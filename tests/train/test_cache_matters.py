@@ -56,8 +56,7 @@ ABOVE_CHANCE, OVER_FRESH = 0.75, 1.0
 
 def recall_job(data_path: str, carry: bool) -> dict:
     return job_dict(
-        model={"d_model": 32, "num_layers": 1, "num_heads": 2, "head_dim": 16, "mlp_dim": 64, "block_len": W,
-               "seq_len": L, "bst_layers": [0], "brect_layers": [],
+        model={"num_layers": 1, "block_len": W, "seq_len": L, "bst_layers": [0], "brect_layers": [],
                "bst": {"variant": "SH", "kernel": "s4d", "state_size": 16}},
         data={"corpus": "text", "path": data_path},
         train={"steps": STEPS, "global_batch_size": 16, "seed": SEED, "carry_cache": carry, "log_every": 50,

@@ -38,7 +38,7 @@ from data_pipelines.loader import LaneLoader
 from tests.helpers.paths import LOCAL_TINY, REPO
 from tests.helpers.runs import (CompileCounter, checkpoint_steps, digest, losses_of, make_cfg, metrics_lines,
                                 read_checkpoint, tmpfs, train_in_process)
-from tests.helpers.tiny import REFERENCE_JOB, job_dict
+from tests.helpers.tiny import REFERENCE_JOB, job_dict, tiny_sets
 
 JOB = REFERENCE_JOB  # the job of the shared uninterrupted run (conftest.py: tiny_reference)
 N = JOB["train"]["steps"]  # 6; checkpoints 2, 4, 6
@@ -96,10 +96,9 @@ def test_cli_reports_a_bad_mesh_in_one_line(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Checkpoint locations that cannot be written
 
-# jobs/local_tiny.yaml made tiny: one checkpoint is about 20 MB (the GPT-2 embedding and its Adam moments)
-TINY_OVERRIDES = ["model.d_model=32", "model.num_heads=2", "model.head_dim=16", "model.mlp_dim=64",
-                  "model.num_layers=2", "model.seq_len=64", "model.block_len=16", "model.bst.state_size=8",
-                  "train.log_every=1"]
+# jobs/local_tiny.yaml with the tiny model in two layers, [block, bst]: one checkpoint is about
+# 20 MB (the GPT-2 embedding and its Adam moments)
+TINY_OVERRIDES = [*tiny_sets(num_layers=2, brect_layers=[]), "train.log_every=1"]
 
 
 def _local_tiny(run_dir, ckpt_dir, *sets: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess, float]:

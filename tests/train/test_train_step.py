@@ -11,13 +11,10 @@ from bst_dist import config, parallel
 from bst_dist.train import state as state_lib
 from bst_dist.train.step import _lanes_to_micro, _micro_to_lanes, batch_shardings, make_train_step
 
-JOB = {
-    "model": {"vocab_size": 64, "d_model": 32, "num_layers": 3, "num_heads": 2, "head_dim": 16, "mlp_dim": 64,
-              "block_len": 8, "seq_len": 32, "dtype": "float32", "bst_layers": [1], "brect_layers": [2],
-              "bst": {"state_size": 8}, "brect": {"num_states": 4}},
-    "train": {"steps": 10, "global_batch_size": 8, "optimizer": {"lr": 1e-2, "warmup_steps": 0}},
-    "mesh": {"data": 8, "fsdp": 1, "tensor": 1},
-}
+from tests.helpers.tiny import RANDOM_TOKENS, job_dict
+
+# The tiny job on random tokens, on 8 data shards
+JOB = job_dict(model=RANDOM_TOKENS, train={"steps": 10, "optimizer": {"lr": 1e-2, "warmup_steps": 0}}, mesh={"data": 8})
 
 
 def cfg_with(*overrides):
