@@ -1,4 +1,6 @@
-"""Test set-up: 8 fake CPU devices (before jax is imported), float32 matmuls, a shared cache dir."""
+"""Test set-up for every area: 8 fake CPU devices (before jax is imported), float32 matmuls, a shared
+cache dir; and the fixtures that several areas use. An area's own fixtures are in its conftest.py,
+plain helpers shared by several areas in tests/helpers/ (docs/testing.md)."""
 
 import os
 
@@ -16,10 +18,11 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_reference(tmp_path_factory):
-    """One uninterrupted run of train_utils.REFERENCE_JOB (in this process, mesh (8, 1, 1)), shared
-    by the tests that compare against it: (run dir, summary). Treat the directory as read-only
-    (copy it to change it)."""
-    from train_utils import REFERENCE_JOB, checkpoint_steps, train_in_process
+    """One uninterrupted run of helpers.tiny.REFERENCE_JOB (in this process, mesh (8, 1, 1)), shared
+    by the train and generate tests that compare against it: (run dir, summary). Treat the
+    directory as read-only (copy it to change it)."""
+    from tests.helpers.runs import checkpoint_steps, train_in_process
+    from tests.helpers.tiny import REFERENCE_JOB
 
     run_dir = str(tmp_path_factory.mktemp("tiny_reference") / "run")
     summary = train_in_process(REFERENCE_JOB, run_dir)
