@@ -23,8 +23,8 @@ import pytest
 
 pytest.importorskip("ray")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOB = os.path.join(REPO, "jobs", "local_tiny.yaml")
+from tests.helpers.paths import LOCAL_TINY as JOB, REPO  # noqa: E402
+
 SETS = ["model.num_layers=2", "model.bst_layers=[1]", "model.d_model=64", "model.num_heads=4", "model.head_dim=16",
         "model.mlp_dim=128", "train.steps=6", "train.log_every=3", "checkpoint.every=100",
         "train.optimizer.lr=1e38", "train.optimizer.warmup_steps=0", "train.optimizer.schedule=constant",

@@ -47,7 +47,8 @@ def tiny(run_dir, *extra) -> config.JobConfig:
 
 
 def arm(run_dir, rank: int, step: int, sig: str) -> None:
-    """Make rank `rank` send itself SIG`sig` right after reporting step `step` (once)."""
+    """Make rank `rank` send itself SIG`sig` right after reporting step `step` (once). The loop
+    reports at its log steps, so a test that arms step k sets train.log_every=1."""
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, f"signal-rank{rank}-step{step}"), "w") as f:
         f.write(sig)
@@ -166,7 +167,10 @@ def test_two_workers_match_one_process_on_eight_devices(reference, tmp_path):
 def test_killed_worker_restarts_and_ends_with_the_same_params(reference, tmp_path):
     run_dir = tmp_path / "killed"
     arm(run_dir, rank=1, step=5, sig="KILL")
-    out = launch.train(tiny(run_dir, "ray.max_failures=1"), workers=2, train_fn=train_with_signals)
+    # log_every=1: the loop reports (and so fires the armed signal) at every step, not in batches
+    # at the log steps
+    out = launch.train(tiny(run_dir, "ray.max_failures=1", "train.log_every=1"), workers=2,
+                       train_fn=train_with_signals)
     assert out["start_step"] == 4  # the new worker group resumed from the step-4 checkpoint
     assert out["params_digest"] == reference["params_digest"]
     assert out["losses"] == pytest.approx(reference["losses"][4:], rel=1e-6)
@@ -178,7 +182,7 @@ def test_sigterm_saves_then_restarts_and_ends_with_the_same_params(reference, tm
     # Periodic checkpoints at 5 (and 6) only: resuming before 5 proves the SIGTERM save. The
     # handler runs on the worker's main thread when Ray next checks signals, so the stop may
     # land a step late.
-    out = launch.train(tiny(run_dir, "ray.max_failures=1", "checkpoint.every=5"), workers=2,
+    out = launch.train(tiny(run_dir, "ray.max_failures=1", "checkpoint.every=5", "train.log_every=1"), workers=2,
                        train_fn=train_with_signals)
     assert 2 <= out["start_step"] < 5
     assert out["params_digest"] == reference["params_digest"]
