@@ -51,7 +51,7 @@ def test_streamed_equals_naive_loop(setup_and_params):
     assert got["eval_ppl_0-4k"] == pytest.approx(math.exp(nats / toks), rel=1e-4)  # 3 x 64 tokens: all < 4k
 
 
-@pytest.mark.parametrize("T", [100, 32])
+@pytest.mark.parametrize("T", [100, pytest.param(32, marks=pytest.mark.slow)])  # 32: rows shorter than the window
 def test_at_length_equals_naive_and_pads_to_w(setup_and_params, T):
     """Windows of 100 tokens of the first 3 documents (those that have one), cut into T-long rows
     (T=32: three rows of 32 and one of 4), each row one pass from a fresh cache, padded to W=16."""

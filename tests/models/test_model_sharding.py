@@ -40,7 +40,10 @@ def sharded_forward(cfg, mesh_shape, B):
     return run
 
 
-def test_sharded_equals_single_device():
+# (2, 2, 2) splits every axis at once (data, fsdp and tensor): the default suite's case
+@pytest.mark.parametrize("shape", [(2, 2, 2), pytest.param((8, 1, 1), marks=pytest.mark.slow),
+                                   pytest.param((2, 4, 1), marks=pytest.mark.slow)])
+def test_sharded_equals_single_device(shape):
     assert len(jax.devices()) == 8
     cfg = tiny_cfg(bst={"variant": "MF"})
     B = 8
@@ -50,14 +53,13 @@ def test_sharded_equals_single_device():
     fwd = compiled_forward(ref)
     r1, c = fwd(x[:, :cfg.seq_len], ref.init_cache(B), start)
     r2, _ = fwd(x[:, cfg.seq_len:], c, ~start)
-    for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
-        s1, s2, state = sharded_forward(cfg, shape, B)(x, start)
-        np.testing.assert_allclose(s1, np.asarray(r1), rtol=1e-5, atol=1e-5, err_msg=str(shape))
-        np.testing.assert_allclose(s2, np.asarray(r2), rtol=1e-5, atol=1e-5, err_msg=str(shape))
-        if shape == (2, 2, 2):  # parameters really are split: the embedding over tensor x fsdp
-            emb = state["embed"][...]
-            assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-            assert emb.addressable_shards[0].data.shape == (emb.shape[0] // 2, emb.shape[1] // 2)
+    s1, s2, state = sharded_forward(cfg, shape, B)(x, start)
+    np.testing.assert_allclose(s1, np.asarray(r1), rtol=1e-5, atol=1e-5, err_msg=str(shape))
+    np.testing.assert_allclose(s2, np.asarray(r2), rtol=1e-5, atol=1e-5, err_msg=str(shape))
+    if shape == (2, 2, 2):  # parameters really are split: the embedding over tensor x fsdp
+        emb = state["embed"][...]
+        assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+        assert emb.addressable_shards[0].data.shape == (emb.shape[0] // 2, emb.shape[1] // 2)
 
 
 @pytest.mark.parametrize("variant,kernel", [("SH", "s4d"), pytest.param("MH", "unstruct", marks=pytest.mark.slow),
