@@ -32,3 +32,12 @@ def job_server_call(job_id: str, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except RuntimeError as e:
         raise UserError(f"job {job_id}: {str(e).splitlines()[0]}") from None
+
+
+def show_progress_logs() -> None:
+    """bst_dist's INFO lines (progress of long commands) on stderr; other libraries' warnings only."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("bst_dist", "data_pipelines"):
+        logging.getLogger(name).setLevel(logging.INFO)

@@ -24,6 +24,9 @@ def add_args(p):
 def run(args) -> int:
     from bst_dist.errors import UserError
     from bst_dist.eval.run import evaluate_run
+    from bst_dist.commands.common import show_progress_logs
+
+    show_progress_logs()
 
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x.strip()]

@@ -23,6 +23,9 @@ def add_args(p):
 def run(args) -> int:
     from bst_dist.errors import UserError
     from bst_dist.parallel.plan import format_plan, plan
+    from bst_dist.commands.common import show_progress_logs
+
+    show_progress_logs()
 
     if args.slices < 1:
         raise UserError(f"--slices: must be >= 1, got {args.slices}")

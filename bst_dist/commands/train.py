@@ -7,7 +7,6 @@ arguments, 143 stopped by SIGTERM and 130 by Ctrl-C, each after a final checkpoi
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from bst_dist.commands.common import add_job_args, load_job
@@ -34,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
     from bst_dist import launch
     from bst_dist.launch.ray_trainer import TrainingFailed
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("bst_dist", "data_pipelines"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    from bst_dist.commands.common import show_progress_logs
+
+    show_progress_logs()
     cfg = load_job(args)
     if args.coordinator:
         if not args.no_ray:

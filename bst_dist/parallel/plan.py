@@ -12,12 +12,16 @@ fits.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import time
 
 import jax
 import jax.numpy as jnp
 
 from bst_dist.errors import UserError
+
+log = logging.getLogger("bst_dist.plan")
 
 GIB = 2.0 ** 30
 # per chip: HBM bytes and peak dense bf16 FLOP/s (a v5p/v4 megacore device is one chip)
@@ -136,6 +140,9 @@ def plan(cfg, devices=None, *, mfu: float = 0.4, compile_step: bool = True) -> d
     if not compile_step:
         return out
     setup, state, cache, batch = abstract_inputs(cfg, mesh)
+    # a 400M step for 64 chips takes 10-15 CPU-minutes and ~9-11 GB here (docs/scaling.md): say so
+    log.info("compiling the train step for %d devices on this host (a pod-sized plan: minutes)", len(devices))
+    t0 = time.perf_counter()
     try:
         compiled = make_train_step(setup).lower(state, cache, batch).compile()
     except jax.errors.JaxRuntimeError as e:  # XLA's own verdict: the activations do not fit
@@ -144,6 +151,7 @@ def plan(cfg, devices=None, *, mfu: float = 0.4, compile_step: bool = True) -> d
             raise DoesNotFit(f"mesh {sizes}: the compiled step does not fit: {text}; try a larger mesh.fsdp, "
                              "train.grad_accum or train.remat") from None
         raise
+    log.info("compiled in %.0f s", time.perf_counter() - t0)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
