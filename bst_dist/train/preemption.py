@@ -71,6 +71,10 @@ class PreemptionGuard:
                 self.signal = signum
             self._event.set()
             return
+        if signum == signal.SIGINT:
+            # stop at once, whatever handler was there before (an in-process Ray trainer installs
+            # one that only asks its run to abort gracefully)
+            raise KeyboardInterrupt
         previous = self._previous.get(signum, signal.SIG_DFL)
         if callable(previous):
             previous(signum, frame)
