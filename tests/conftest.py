@@ -12,6 +12,9 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 import tempfile  # noqa: E402
 
 os.environ.setdefault("BST_DIST_CACHE", os.path.join(tempfile.gettempdir(), "bst_dist_test_cache"))
+# No persistent compilation cache shared by the test processes unless a test names one
+# (train.compile_cache): every test compiles what it runs, as in a fresh process.
+os.environ.setdefault("BST_DIST_COMPILE_CACHE", "")
 
 import pytest  # noqa: E402
 

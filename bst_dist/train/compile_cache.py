@@ -6,7 +6,8 @@ folder keyed by the program, the devices and the flags, so the next process with
 loads it instead. `enable(cfg)` is called by every process at the top of `train()`, before
 anything compiles (JAX reads the folder at its first compile).
 
-    train.compile_cache: null  -> $BST_DIST_CACHE/jax, else ~/.cache/bst_dist/jax
+    train.compile_cache: null  -> $BST_DIST_COMPILE_CACHE when set ("" off), else
+                                  $BST_DIST_CACHE/jax, else ~/.cache/bst_dist/jax
     train.compile_cache: ""    -> off
     train.compile_cache: DIR   -> DIR (a local path or gs://bucket/prefix)
 """
@@ -21,6 +22,8 @@ log = logging.getLogger("bst_dist.train")
 
 def cache_dir(setting: str | None) -> str | None:
     """The folder `train.compile_cache` names (None: off)."""
+    if setting is None and "BST_DIST_COMPILE_CACHE" in os.environ:  # the machine's default (a test suite: off)
+        setting = os.environ["BST_DIST_COMPILE_CACHE"]
     if setting is None:
         root = os.environ.get("BST_DIST_CACHE") or os.path.join("~", ".cache", "bst_dist")
         return os.path.join(os.path.expanduser(root), "jax")

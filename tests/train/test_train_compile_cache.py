@@ -25,10 +25,14 @@ def restore_cache_setting():
     compile_cache.enable(before if before is not None else "")
 
 
-def test_default_folder_and_off():
+def test_default_folder_and_off(monkeypatch):
     from bst_dist.train.compile_cache import cache_dir
 
     assert cache_dir("") is None
+    assert cache_dir(None) is None  # the suite's BST_DIST_COMPILE_CACHE="" (tests/conftest.py)
+    monkeypatch.setenv("BST_DIST_COMPILE_CACHE", "/tmp/elsewhere/jax")
+    assert cache_dir(None) == "/tmp/elsewhere/jax"
+    monkeypatch.delenv("BST_DIST_COMPILE_CACHE")
     assert cache_dir(None) == os.path.join(os.path.expanduser(os.environ["BST_DIST_CACHE"]), "jax")
     assert cache_dir("gs://b/jax") == "gs://b/jax"
     assert os.path.isabs(cache_dir("rel/jax"))
