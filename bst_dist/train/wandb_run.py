@@ -75,3 +75,10 @@ class WandbRun:
         if self._run is not None:
             self._run.finish()
             self._run = None
+            # finish() returns before wandb's service has closed the run's stream: the .wandb
+            # file may still be unwritten when it returns, and a Ray worker is ended without
+            # the atexit hook that would flush it. Tear the service down now (it writes and
+            # closes every stream), unless the process holds another run of its own.
+            wandb = _import_wandb()
+            if wandb.run is None:
+                wandb.teardown()

@@ -19,7 +19,7 @@ from tests.helpers.tiny import job_dict, write_job
 wandb = pytest.importorskip("wandb")
 
 
-def read_wandb_history(path: str) -> list[dict]:
+def read_wandb_history(path: str, kinds: list | None = None) -> list[dict]:
     """The history rows of a .wandb file: wandb's record log (LevelDB's log format: a 7-byte
     header, then 32 KiB blocks of chunks `crc32 u32, length u16, type u8, data`; type 1 a whole
     record, 2/3/4 its first, middle and last pieces), each record a `wandb_internal.Record`."""
@@ -46,6 +46,8 @@ def read_wandb_history(path: str) -> list[dict]:
     for raw in records:
         rec = wandb_internal_pb2.Record()
         rec.ParseFromString(raw)
+        if kinds is not None:  # every record's type, for a failure message
+            kinds.append(rec.WhichOneof("record_type"))
         if rec.WhichOneof("record_type") == "history":
             rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
                          for item in rec.history.item})
@@ -79,8 +81,9 @@ def test_the_logger_sends_train_and_eval_scalars_to_wandb_at_their_steps(tmp_pat
         logger.log(2, {"loss": float("nan"), "skipped": 1})
         logger.log(3, {"loss": 1.5, "skipped": 0})
         logger.log_eval(3, {"eval_loss": 1.75})
-    history = read_wandb_history(the_wandb_file(wandb_dir))
-    assert [row["_step"] for row in history] == [1, 2, 3]
+    kinds: list = []
+    history = read_wandb_history(the_wandb_file(wandb_dir), kinds)
+    assert [row["_step"] for row in history] == [1, 2, 3], kinds
     assert [row.get("train/loss") for row in history] == [2.0, None, 1.5]
     assert [row["train/skipped"] for row in history] == [0, 1, 0]
     assert history[2]["eval/eval_loss"] == 1.75
