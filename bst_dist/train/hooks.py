@@ -80,6 +80,13 @@ class Run:
         self.fetched = []
         self.pending.append({"step": self.step, "out": out, "data_time": data_time, "ckpt_time": 0.0,
                              "tokens_seen": self.tokens_seen})
+        if len(self.pending) >= 2:
+            # At most two steps in flight: this one, dispatched, and the one before it, awaited
+            # here (no copy to the host). Unbounded, the dispatch runs up to log_every steps
+            # ahead; on CPU with several devices in one process, XLA's in-process collectives
+            # then stall (a step's all-gather waits for device threads taken by later steps) and
+            # abort the process after 40 s. One step of lag keeps the device busy all the same.
+            jax.block_until_ready(self.pending[-2]["out"])
 
     def note_ckpt_time(self, seconds: float) -> None:
         """The checkpoint stall of the step just dispatched (ckpt_time; not step time)."""
